@@ -1,0 +1,148 @@
+"""`python -m bagel_vae_pp bench`: time the single-process VAE against the worker pool, and check exactness.
+
+With no `--vae` the model is a seeded random-weight FLUX-architecture autoencoder (full size), so the
+bench runs anywhere. Errors are max |x - ref| (abs) and that divided by max |ref| (rel), against the
+single-process fp32 full-image result on the same input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from .autoencoder import autoencoder_from_state_dict, random_autoencoder
+from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def test_image(size: int, batch: int = 1) -> torch.Tensor:
+    """A smooth synthetic picture (gradients, a disc, stripes) as an IMAGE [B, H, W, 3] in [0, 1]."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).float()
+    stripes = 0.5 + 0.5 * torch.sin(40 * x + 10 * y)
+    img = torch.stack([0.8 * x + 0.2 * disc, 0.5 * y + 0.5 * disc * stripes, 1 - 0.7 * x * y], dim=-1)
+    return img.clamp(0, 1)[None].repeat(batch, 1, 1, 1)
+
+
+def load_vae(path: str | None):
+    if path is None:
+        return random_autoencoder("flux")
+    from safetensors.torch import load_file
+
+    if not path.endswith(".safetensors"):
+        raise SystemExit(f"--vae: '{path}' is not a .safetensors file; pickle checkpoints are never loaded.")
+    return autoencoder_from_state_dict(load_file(path))
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    diff = (out.float() - ref.float()).abs().max().item()
+    return {"max_abs_err": diff, "max_rel_err": diff / max(ref.float().abs().max().item(), 1e-12)}
+
+
+def timed(fn, repeat: int, device: torch.device):
+    times, result = [], None
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return result, 1000 * statistics.median(times)
+
+
+def single_process(ae, op, data, device, dtype):
+    """The plain full-image forward in this process, in ComfyUI's layouts, as the reference path."""
+    model = ae.to(device, dtype)
+    with torch.inference_mode():
+        if op == "decode":
+            x = model.decode(data.to(device, dtype))
+            return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        x = data.to(device).permute(0, 3, 1, 2) * 2 - 1
+        return model.encode(x.to(dtype)).float().cpu()
+
+
+def bench(args) -> list[dict]:
+    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    ae = load_vae(args.vae).float()
+    pixels = test_image(args.size, args.batch)
+    latent = single_process(ae, "encode", pixels, device, torch.float32)
+    inputs = {"decode": latent, "encode": pixels}
+    rows = []
+    for op in ("decode", "encode"):
+        ref = single_process(ae, op, inputs[op], device, torch.float32)
+        base = {"op": op, "size": args.size, "batch": args.batch, "dtype": args.dtype, "device": args.device}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out, ms = timed(lambda: single_process(ae, op, inputs[op], device, DTYPES[args.dtype]), args.repeat, device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append({**base, "mode": "full", "workers": 1, "ms": ms, "peak_gib": peak, **errors(out, ref)})
+        ae.to("cpu", torch.float32)
+        pool = get_pool(PoolSpec.parse(pool_devices(args), args.dtype, args.timeout_s))
+        run = pool.decode if op == "decode" else pool.encode
+        kwargs = {"mode": args.mode, "tile_px": args.tile, "overlap_px": args.overlap}
+        run(ae, inputs[op], **kwargs)  # warm-up: starts workers, sends weights
+        out, ms = timed(lambda: run(ae, inputs[op], **kwargs), args.repeat, torch.device("cpu"))
+        peaks = [r.get("peak_bytes") for r in pool.last_replies]
+        peak = max(peaks) / 2**30 if all(p is not None for p in peaks) else None
+        rows.append({**base, "mode": args.mode, "workers": len(pool.spec.devices), "ms": ms, "peak_gib": peak,
+                     **errors(out, ref)})
+    return rows
+
+
+def pool_devices(args) -> str:
+    if args.devices:
+        return args.devices
+    return f"cpu:{args.workers}" if args.device == "cpu" else ",".join(map(str, range(args.workers)))
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| op | mode | workers | size | dtype | ms | peak GiB/worker | max abs err | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        print(f"| {r['op']} | {r['mode']} | {r['workers']} | {r['size']} | {r['dtype']} | {r['ms']:.1f} | {peak} "
+              f"| {r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bagel_vae_pp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="single process vs worker pool: time, memory, error")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--workers", type=int, default=2, help="pool size (GPUs 0..N-1, or N CPU processes)")
+    b.add_argument("--devices", default=None, help="explicit pool devices, e.g. '0,2' (overrides --workers)")
+    b.add_argument("--size", type=int, default=None, help="image side in pixels (default 256 on CPU, 1024 on GPU)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    b.add_argument("--mode", choices=["exact", "tiled"], default="exact")
+    b.add_argument("--tile", type=int, default=512, help="tiled mode: tile side in pixels")
+    b.add_argument("--overlap", type=int, default=64, help="tiled mode: overlap in pixels")
+    b.add_argument("--repeat", type=int, default=3, help="timed runs per case (median reported)")
+    b.add_argument("--timeout-s", type=float, default=120.0)
+    b.add_argument("--vae", default=None, help="a VAE .safetensors file (default: random FLUX-architecture VAE)")
+    b.add_argument("--json", action="store_true", help="one JSON object per line per case")
+    args = parser.parse_args(argv)
+    args.size = args.size or (1024 if args.device == "cuda" else 256)
+    if args.size % 8:
+        parser.error(f"--size must be a multiple of 8, got {args.size}")
+    try:
+        rows = bench(args)
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_all()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print_table(rows)
+    return 0

@@ -1,0 +1,117 @@
+"""Checks and normalisation of what users hand the pool, each failure naming the input and what is allowed.
+
+All of this runs in the host before any worker sees a job, so a bad input never leaves ranks waiting
+in a collective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .autoencoder import AutoEncoderParams
+
+DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
+MODES = ("exact", "tiled")
+
+
+def parse_devices(text: str, cuda_count: int, prefer_cpu: bool = False) -> tuple[str, ...]:
+    """'all' | 'cpu' | 'cpu:N' | '0,1,3' | 'cuda:0,cuda:2' -> one device string per worker.
+
+    'all' means every visible GPU, or two CPU workers where there is none (or the host runs on CPU).
+    """
+    text = text.strip().lower()
+    if text == "all":
+        if cuda_count and not prefer_cpu:
+            return tuple(f"cuda:{i}" for i in range(cuda_count))
+        return ("cpu", "cpu")
+    if text == "cpu" or text.startswith("cpu:"):
+        count = text[4:] or "1"
+        if not count.isdigit() or not 1 <= int(count) <= 64:
+            raise ValueError(f"devices: '{text}' is not valid; use 'cpu:N' with N from 1 to 64 workers.")
+        return ("cpu",) * int(count)
+    ids = []
+    for part in text.split(","):
+        part = part.strip().removeprefix("cuda:")
+        if not part.isdigit():
+            raise ValueError(f"devices: '{text}' is not valid; use 'all', 'cpu:N', or GPU ids like '0,1,2,3'.")
+        ids.append(int(part))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"devices: '{text}' names a GPU twice; list each GPU once.")
+    missing = [i for i in ids if i >= cuda_count]
+    if missing:
+        raise ValueError(
+            f"devices: GPU {missing[0]} does not exist; this machine has {cuda_count} GPU(s)"
+            + (f" (ids 0-{cuda_count - 1})." if cuda_count else "; use 'cpu:N'.")
+        )
+    return tuple(f"cuda:{i}" for i in ids)
+
+
+def resolve_dtype(name: str, devices: tuple[str, ...]) -> str:
+    """'auto' is bf16 on GPUs (FLUX VAEs overflow in fp16) and fp32 on CPU."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype: '{name}' is not one of {', '.join(DTYPE_NAMES)}.")
+    if name != "auto":
+        return name
+    return "bf16" if devices[0].startswith("cuda") else "fp32"
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(
+            f"{name}: contains {bad} NaN/Inf value(s); a VAE cannot turn them into pixels. "
+            "Check the node that produced it (a diverged sampler or an fp16 overflow upstream)."
+        )
+
+
+def check_latent(latent: Tensor, params: AutoEncoderParams) -> Tensor:
+    """A ComfyUI LATENT 'samples' tensor for this VAE, as contiguous float32 [B, z, h, w]."""
+    if not params.has_decoder:
+        raise ValueError("vae: this VAE has no decoder weights; load a full VAE to decode.")
+    if getattr(latent, "is_nested", False) or latent.ndim != 4:
+        raise ValueError(
+            f"samples: expected an image latent [B, C, H, W], got shape {tuple(latent.shape)}; "
+            "video and nested latents are not supported."
+        )
+    B, C = latent.shape[:2]
+    if B == 0:
+        raise ValueError("samples: the batch is empty (0 latents).")
+    if C != params.z_channels:
+        raise ValueError(
+            f"samples: the latent has {C} channels but this VAE takes {params.z_channels}; "
+            "use the VAE of the model that made the latent."
+        )
+    latent = latent.detach().to("cpu", torch.float32).contiguous()
+    check_finite("samples", latent)
+    return latent
+
+
+def prepare_pixels(pixels: Tensor, params: AutoEncoderParams) -> Tensor:
+    """A ComfyUI IMAGE [B, H, W, C] -> contiguous float32 [B, H', W', 3], H', W' cropped to the VAE's
+    multiple around the centre (as core VAEEncode does); alpha is dropped."""
+    if not params.has_encoder:
+        raise ValueError("vae: this VAE has no encoder weights; load a full VAE to encode.")
+    if pixels.ndim != 4 or pixels.shape[-1] < 3:
+        raise ValueError(f"pixels: expected an IMAGE [B, H, W, 3], got shape {tuple(pixels.shape)}.")
+    B, H, W, _ = pixels.shape
+    s = params.downscale
+    if B == 0:
+        raise ValueError("pixels: the batch is empty (0 images).")
+    if H < s or W < s:
+        raise ValueError(f"pixels: the image is {W}x{H}; the VAE needs at least {s}x{s} pixels.")
+    top, left = (H % s) // 2, (W % s) // 2
+    pixels = pixels[:, top : top + H // s * s, left : left + W // s * s, :3]
+    pixels = pixels.detach().to("cpu", torch.float32).contiguous()
+    check_finite("pixels", pixels)
+    return pixels
+
+
+def check_tiles(mode: str, tile_px: int, overlap_px: int, downscale: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: '{mode}' is not one of {', '.join(MODES)}.")
+    if mode == "tiled" and (tile_px % downscale or overlap_px % downscale or not 0 <= overlap_px < tile_px // 2):
+        raise ValueError(
+            f"tile_size/overlap: got {tile_px}/{overlap_px}; both must be multiples of {downscale} "
+            "and overlap must be less than half the tile size."
+        )

@@ -1,0 +1,149 @@
+"""One rank's share of a decode or encode job: read its rows from shared memory, compute, write back.
+
+Layouts are ComfyUI's: a LATENT is [B, z, h, w] float32 in raw VAE space, an IMAGE [B, H, W, 3] float32
+in [0, 1]. Exact mode runs `sharded` on a row band; tiled mode decodes whole tiles independently and
+blends them with feathered weights (approximate, no collectives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .autoencoder import AutoEncoder
+from .bands import blend_weights, plan_bands, plan_tile_rows, plan_tiles
+from .collectives import JobCancelled, Shard
+from .sharded import count_layers, decode_band, encode_band
+
+
+@dataclass
+class Rank:
+    """What a job needs to know about the worker running it."""
+
+    rank: int
+    world: int
+    groups: dict  # participants -> process group (None for 1)
+    device: torch.device
+    dtype: torch.dtype
+    is_cancelled: Callable[[], bool]
+    report: Callable[[int, int], None]  # (done, total) progress, only rank 0's is shown
+
+
+def to_image(x: Tensor) -> Tensor:
+    """Decoder output [3, H, W] in [-1, 1] -> IMAGE rows [H, W, 3] in [0, 1]."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(1, 2, 0)
+
+
+def band_shard(r: Rank, bands: list[tuple[int, int]], scale: int, on_layer) -> Shard | None:
+    if r.rank >= len(bands):
+        return None  # fewer rows than workers: this rank sits the job out
+    latent_bands = [(a // scale, b // scale) for a, b in bands]
+    return Shard(r.rank, len(bands), r.groups[len(bands)], latent_bands, r.is_cancelled, on_layer)
+
+
+def progress_counter(r: Rank, total: int):
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if r.rank == 0:
+            r.report(done[0], total)
+
+    return tick
+
+
+def exact_decode(ae: AutoEncoder, latent: Tensor, out: Tensor, r: Rank) -> None:
+    B, _, h, _ = latent.shape
+    s = ae.params.downscale
+    bands = plan_bands(h, r.world)
+    shard = band_shard(r, bands, 1, progress_counter(r, B * count_layers(ae, "decode")))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    for i in range(B):
+        z = latent[i : i + 1, :, a:b].to(r.device, r.dtype)  # [1, z, rows, w]
+        out[i, a * s : b * s].copy_(to_image(decode_band(ae, z, shard)[0]))
+
+
+def exact_encode(ae: AutoEncoder, pixels: Tensor, out: Tensor, r: Rank) -> None:
+    B, H, _, _ = pixels.shape
+    s = ae.params.downscale
+    bands = plan_bands(H, r.world, unit=s)
+    shard = band_shard(r, bands, s, progress_counter(r, B * count_layers(ae, "encode")))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    for i in range(B):
+        x = pixels[i, a:b].to(r.device).permute(2, 0, 1)[None] * 2.0 - 1.0  # [1, 3, rows, W]
+        out[i, :, a // s : b // s].copy_(encode_band(ae, x.to(r.dtype), shard)[0])
+
+
+def tiled(run_tile, inp_hw, tile: int, overlap: int, unit: int, scale: float, out_rows_first: bool, out, r: Rank):
+    """Blend independently computed tiles into this rank's disjoint band of output rows.
+
+    `run_tile(i, y0, y1, x0, x1)` computes tile (y0:y1, x0:x1) of batch item i, in input units, and returns
+    its output as [C, rows, cols] (before any final clamp). `out` is [B, rows, cols, C] if
+    `out_rows_first` (IMAGE) else [B, C, rows, cols] (LATENT).
+    """
+    H, W = inp_hw
+    rows, cols = plan_tiles(H, tile, overlap, unit), plan_tiles(W, tile, overlap, unit)
+    out_H, out_W = round(H * scale), round(W * scale)
+    ramp = round(overlap * scale)
+    wy = blend_weights([(round(a * scale), round(b * scale)) for a, b in rows], out_H, ramp)
+    wx = blend_weights([(round(a * scale), round(b * scale)) for a, b in cols], out_W, ramp)
+    plan = plan_tile_rows(rows, scale, r.world)
+    if r.rank >= len(plan):
+        return
+    (lo, hi), my_rows = plan[r.rank]
+    B = out.shape[0]
+    done, total = 0, B * len(my_rows) * len(cols)
+    for i in range(B):
+        acc = None
+        for ty in my_rows:
+            y0, y1 = round(rows[ty][0] * scale), round(rows[ty][1] * scale)
+            c0, c1 = max(y0, lo), min(y1, hi)  # the part of this tile row inside the owned band
+            for tx, (x0, x1) in enumerate(cols):
+                if r.is_cancelled():
+                    raise JobCancelled("cancelled")
+                y = run_tile(i, *rows[ty], x0, x1).float()  # [C, y1-y0, tile cols]
+                acc = acc if acc is not None else y.new_zeros(y.shape[0], hi - lo, out_W)
+                weight = wy[ty][c0 - y0 : c1 - y0, None].to(y.device) * wx[tx][None, :].to(y.device)
+                ox0, ox1 = round(x0 * scale), round(x1 * scale)
+                acc[:, c0 - lo : c1 - lo, ox0:ox1] += y[:, c0 - y0 : c1 - y0] * weight
+                done += 1
+                r.report(done, total) if r.rank == 0 else None
+        if out_rows_first:
+            out[i, lo:hi].copy_(to_image(acc))
+        else:
+            out[i, :, lo:hi].copy_(acc)
+
+
+def tiled_decode(ae, latent: Tensor, out: Tensor, r: Rank, tile_px: int, overlap_px: int) -> None:
+    s = ae.params.downscale
+
+    def run_tile(i, y0, y1, x0, x1):
+        return ae.decode(latent[i : i + 1, :, y0:y1, x0:x1].to(r.device, r.dtype))[0]
+
+    tiled(run_tile, latent.shape[2:], tile_px // s, overlap_px // s, 1, s, True, out, r)
+
+
+def tiled_encode(ae, pixels: Tensor, out: Tensor, r: Rank, tile_px: int, overlap_px: int) -> None:
+    s = ae.params.downscale
+
+    def run_tile(i, y0, y1, x0, x1):
+        x = pixels[i, y0:y1, x0:x1].to(r.device).permute(2, 0, 1)[None] * 2.0 - 1.0
+        return ae.encode(x.to(r.dtype))[0]
+
+    tiled(run_tile, pixels.shape[1:3], tile_px, overlap_px, s, 1 / s, False, out, r)
+
+
+def run_job(ae: AutoEncoder, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
+    with torch.inference_mode():
+        if job["mode"] == "exact":
+            (exact_decode if job["op"] == "decode" else exact_encode)(ae, inp, out, r)
+        else:
+            fn = tiled_decode if job["op"] == "decode" else tiled_encode
+            fn(ae, inp, out, r, job["tile_px"], job["overlap_px"])

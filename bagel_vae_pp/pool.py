@@ -1,0 +1,317 @@
+"""WorkerPool: one spawned process per device, kept across jobs, and the one owned global registry.
+
+The host (ComfyUI's process, or the CLI) is never a rank. It starts `python -m bagel_vae_pp.worker`
+processes, hands each a socket, and waits for replies in short slices so that a dead worker, a stuck
+collective, or the user's interrupt turns into an error within seconds instead of a hang. Any failure
+tears the whole pool down; the next job starts it again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from multiprocessing import Pipe
+from multiprocessing.connection import wait
+
+import torch
+from torch import nn
+
+from . import shm
+from .autoencoder import AutoEncoderParams, detect_params, strip_prefixes
+from .inputs import check_latent, check_tiles, parse_devices, prepare_pixels, resolve_dtype
+from .worker import CANCEL, DONE, TOTAL
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 180.0
+CANCEL_GRACE_S = 3.0
+SLICE_S = 0.05
+# Allowance per output megapixel per worker on top of timeout_s; CPU float32 is ~100x slower.
+SECONDS_PER_MPX = {"cuda": 2.0, "cpu": 120.0}
+
+
+class WorkerError(RuntimeError):
+    """A worker died, hung past its deadline, or failed; the pool has been torn down."""
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    devices: tuple[str, ...]  # one entry per worker: "cuda:1" or "cpu"
+    dtype: str  # resolved: "bf16" | "fp16" | "fp32"
+    timeout_s: float  # a job still running after timeout_s + its size allowance counts as stuck
+
+    @classmethod
+    def parse(cls, devices: str = "all", dtype: str = "auto", timeout_s: float = 120.0, prefer_cpu: bool = False):
+        found = parse_devices(devices, torch.cuda.device_count(), prefer_cpu)
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be positive, got {timeout_s}.")
+        return cls(found, resolve_dtype(dtype, found), float(timeout_s))
+
+
+class WorkerPool:
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
+        self.lock = threading.RLock()  # one job at a time, from any thread
+        self.procs: list[subprocess.Popen] = []
+        self.conns = []
+        self.dir = None
+        self.control = None
+        self.job_id = 0
+        self.vae_ref = None  # weakref to the module whose weights the workers hold
+        self.vae_params: AutoEncoderParams | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self.procs)
+
+    def describe(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        pids = ",".join(str(p.pid) for p in self.procs)
+        return f"{len(self.spec.devices)} worker(s) on {', '.join(self.spec.devices)}, {self.spec.dtype}, {state} {pids}"
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        with self.lock:
+            if self.is_running:
+                return
+            self.dir = shm.make_private_dir("bagel_vae_pp-")
+            self.control = shm.create(os.path.join(self.dir, "control"), (4,), torch.int64)
+            self.control[CANCEL] = -1
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+            # Keep rendezvous and collectives on loopback; NVLink multicast stays off (see BENCHMARKS.md).
+            for key, value in {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "NCCL_NVLS_ENABLE": "0",
+                               "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+                env.setdefault(key, value)
+            try:
+                for rank, device in enumerate(self.spec.devices):
+                    host_end, child_end = Pipe(duplex=True)
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "bagel_vae_pp.worker", "--fd", str(child_end.fileno())],
+                        pass_fds=[child_end.fileno()], env=env, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT,
+                    )
+                    child_end.close()
+                    self.procs.append(proc)
+                    self.conns.append(host_end)
+                    host_end.send({"rank": rank, "world": len(self.spec.devices), "device": device,
+                                   "dtype": self.spec.dtype, "store": os.path.join(self.dir, "store"),
+                                   "control": os.path.join(self.dir, "control"), "pool_dir": self.dir,
+                                   "host_pid": os.getpid()})
+                self.wait_all("start", time.monotonic() + START_TIMEOUT_S)
+            except BaseException:
+                self.kill()
+                raise
+
+    def shutdown(self) -> None:
+        """Ask workers to exit, kill stragglers after a few seconds, remove shared files. Idempotent."""
+        with self.lock:
+            for conn in self.conns:
+                try:
+                    conn.send({"op": "shutdown"})
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 5.0
+            for proc in self.procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            self.kill()
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+        self.control = None
+        self.vae_ref, self.vae_params = None, None
+        if self.dir:
+            shm.remove_dir(self.dir)
+            self.dir = None
+
+    def fail(self, message: str) -> WorkerError:
+        self.kill()
+        return WorkerError(message + " The pool was shut down; the next job starts it again.")
+
+    # ---- waiting ----
+
+    def wait_all(self, what: str, deadline: float, interrupt=None, progress=None, ranks=None) -> list[dict]:
+        """Collect one reply per worker, polling for death, deadline, interrupt and progress."""
+        pending = dict(enumerate(self.conns)) if ranks is None else {r: self.conns[r] for r in ranks}
+        replies: dict[int, dict] = {}
+        shown = None
+        while pending:
+            for conn in wait(list(pending.values()), timeout=SLICE_S):
+                rank = next(r for r, c in pending.items() if c is conn)
+                try:
+                    replies[rank] = conn.recv()
+                except (EOFError, OSError):
+                    raise self.died(rank, what) from None
+                del pending[rank]
+                if not replies[rank]["ok"]:
+                    return self.failed(what, rank, replies[rank], pending)
+            for rank, proc in enumerate(self.procs):
+                if rank in pending and proc.poll() is not None:
+                    raise self.died(rank, what)
+            if progress is not None and self.control is not None:
+                now = (int(self.control[DONE]), int(self.control[TOTAL]))
+                if now != shown and now[1]:
+                    progress(*now)
+                    shown = now
+            if interrupt is not None:
+                try:
+                    interrupt()
+                except BaseException:
+                    self.cancel(pending)
+                    raise
+            if time.monotonic() > deadline:
+                raise self.fail(f"{what}: no reply from worker(s) {sorted(pending)} "
+                                f"({', '.join(self.spec.devices[r] for r in pending)}) before the deadline; "
+                                "a worker is stuck (raise timeout_s on the pool node for very large jobs).")
+        return [replies[r] for r in sorted(replies)]
+
+    def died(self, rank: int, what: str) -> WorkerError:
+        code = self.procs[rank].wait(timeout=5)
+        return self.fail(f"{what}: worker {rank} on {self.spec.devices[rank]} died (exit code {code}).")
+
+    def failed(self, what: str, rank: int, reply: dict, pending: dict):
+        if reply.get("cancelled"):
+            raise self.fail(f"{what}: cancelled unexpectedly.")
+        # The other ranks may now wait forever in a collective that this rank left: give them a moment.
+        end = time.monotonic() + CANCEL_GRACE_S
+        while pending and time.monotonic() < end:
+            for conn in wait(list(pending.values()), timeout=SLICE_S):
+                rank_ = next(r for r, c in pending.items() if c is conn)
+                del pending[rank_]
+        message = f"{what} failed on worker {rank} ({self.spec.devices[rank]}): {reply['error']}"
+        if pending:
+            raise self.fail(message)
+        raise RuntimeError(message)
+
+    def cancel(self, pending: dict) -> None:
+        """Ask running ranks to stop at their next layer; kill the pool if they do not within seconds."""
+        self.control[CANCEL] = self.job_id
+        end = time.monotonic() + CANCEL_GRACE_S
+        while pending and time.monotonic() < end:
+            for conn in wait(list(pending.values()), timeout=SLICE_S):
+                rank = next(r for r, c in pending.items() if c is conn)
+                try:
+                    conn.recv()
+                except (EOFError, OSError):
+                    break
+                del pending[rank]
+        if pending:
+            self.kill()
+
+    # ---- jobs ----
+
+    def ensure_vae(self, vae: nn.Module) -> AutoEncoderParams:
+        """Send `vae`'s weights to the workers unless they already hold this very module."""
+        if self.vae_ref is not None and self.vae_ref() is vae:
+            return self.vae_params
+        from safetensors.torch import save_file
+
+        sd = strip_prefixes({k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()})
+        params = detect_params(sd)
+        path = os.path.join(self.dir, "weights.safetensors")
+        save_file(sd, path)
+        try:
+            for conn in self.conns:
+                conn.send({"op": "load", "weights": path})
+            self.wait_all("loading the VAE", time.monotonic() + START_TIMEOUT_S)
+        finally:
+            shm.unlink(path)
+        self.vae_ref, self.vae_params = weakref.ref(vae), params
+        return params
+
+    def run(self, op, vae, data, mode, tile_px, overlap_px, interrupt, progress):
+        with self.lock:
+            self.start()
+            params = self.ensure_vae(vae)
+            check_tiles(mode, tile_px, overlap_px, params.downscale)
+            data = check_latent(data, params) if op == "decode" else prepare_pixels(data, params)
+            B, s = data.shape[0], params.downscale
+            if op == "decode":
+                out_shape = (B, data.shape[2] * s, data.shape[3] * s, params.out_ch)
+            else:
+                out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
+            self.job_id += 1
+            paths = [os.path.join(self.dir, f"job{self.job_id}.{name}") for name in ("in", "out")]
+            try:
+                shm.create(paths[0], tuple(data.shape)).copy_(data)
+                out = shm.create(paths[1], out_shape)
+                self.control[DONE], self.control[TOTAL] = 0, 0
+                job = {"op": op, "job": self.job_id, "mode": mode, "tile_px": tile_px, "overlap_px": overlap_px,
+                       "input": paths[0], "input_shape": list(data.shape),
+                       "output": paths[1], "output_shape": list(out_shape)}
+                for conn in self.conns:
+                    conn.send(job)
+                self.last_replies = self.wait_all(op, time.monotonic() + self.deadline_s(out_shape, op),
+                                                  interrupt, progress)
+            finally:
+                for path in paths:
+                    shm.unlink(path)
+            return out
+
+    def deadline_s(self, out_shape, op) -> float:
+        pixels = math.prod(out_shape[:3]) if op == "decode" else math.prod(out_shape[:1] + out_shape[2:]) * 64
+        per_worker_mpx = pixels / 1e6 / len(self.spec.devices)
+        kind = "cuda" if self.spec.devices[0].startswith("cuda") else "cpu"
+        return self.spec.timeout_s + SECONDS_PER_MPX[kind] * per_worker_mpx
+
+    def decode(self, vae: nn.Module, latent, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None):
+        """Decode a ComfyUI LATENT across the workers.
+
+        Args:
+            vae: a module holding LDM-layout weights (our AutoEncoder or ComfyUI's first_stage_model);
+                its weights are sent once and reused while the same module comes back.
+            latent: [B, z, h, w] raw VAE space.
+            mode: "exact" (equals the single-process decode) or "tiled" (approximate, bounded memory).
+            tile_px, overlap_px: tile geometry for tiled mode, in output pixels.
+            interrupt: called every few ms on this thread; whatever it raises cancels the job and propagates.
+            progress: called with (done, total) as the workers advance.
+        Returns: IMAGE [B, 8h, 8w, 3] float32 in [0, 1], on CPU.
+        """
+        return self.run("decode", vae, latent, mode, tile_px, overlap_px, interrupt, progress)
+
+    def encode(self, vae: nn.Module, pixels, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None):
+        """Encode a ComfyUI IMAGE [B, H, W, 3] in [0, 1] to its posterior mean [B, z, H/8, W/8], raw VAE space.
+
+        Sizes that are not multiples of 8 are centre-cropped, as core VAEEncode does. Other arguments as
+        in `decode`.
+        """
+        return self.run("encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress)
+
+
+# The one process-wide state: pools by spec, so prompts reuse running workers.
+_POOLS: dict[PoolSpec, WorkerPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def get_pool(spec: PoolSpec) -> WorkerPool:
+    with _POOLS_LOCK:
+        if spec not in _POOLS:
+            _POOLS[spec] = WorkerPool(spec)
+        return _POOLS[spec]
+
+
+def shutdown_all() -> None:
+    """Stop every pool (ComfyUI's unload, atexit); pools restart on their next job."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.shutdown()
+
+
+def pool_status() -> list[str]:
+    with _POOLS_LOCK:
+        return [pool.describe() for pool in _POOLS.values()]

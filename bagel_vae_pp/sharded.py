@@ -1,0 +1,116 @@
+"""Band-parallel forward of the autoencoder: each rank runs the same modules on its own rows.
+
+Mirrors `autoencoder.py` layer by layer, replacing the three operations that look beyond a row band:
+3x3 convolutions take halo rows from the neighbours (zero padding only at the true image edge),
+GroupNorm uses statistics merged over all ranks, and mid-block attention lets each rank's query rows
+attend to keys/values gathered from every rank. With one rank this is the plain forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .autoencoder import AttnBlock, AutoEncoder, Decoder, Encoder, MidBlock, ResnetBlock, to_tokens
+from .collectives import Shard, exchange_halo, gather_rows, group_stats
+
+
+def with_halo(x: Tensor, shard: Shard, top: bool = True) -> Tensor:
+    """The band with one neighbour row above (if `top`) and below; zero rows at the image edges."""
+    above, below = exchange_halo(x, shard)
+    edge = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
+    parts = ([above if above is not None else edge] if top else []) + [x, below if below is not None else edge]
+    return torch.cat(parts, dim=2)
+
+
+def conv3x3(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
+    return F.conv2d(with_halo(x, shard), conv.weight, conv.bias, padding=(0, 1))
+
+
+def downsample(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
+    """Stride-2 conv after (0,1,0,1) padding; an even-aligned band needs only the row below it."""
+    x = F.pad(with_halo(x, shard, top=False), (0, 1, 0, 0))
+    return F.conv2d(x, conv.weight, conv.bias, stride=2)
+
+
+def group_norm(norm: nn.GroupNorm, x: Tensor, shard: Shard, silu: bool = False) -> Tensor:
+    B, C, H, W = x.shape
+    mean, var = group_stats(x, norm.num_groups, shard)  # [B, G] fp32
+    rstd = torch.rsqrt(var + norm.eps)
+    per_channel = C // norm.num_groups
+    mean = mean.repeat_interleave(per_channel, dim=1)[:, :, None, None]  # [B, C, 1, 1]
+    scale = rstd.repeat_interleave(per_channel, dim=1)[:, :, None, None] * norm.weight.float()[:, None, None]
+    y = (x.float() - mean) * scale + norm.bias.float()[:, None, None]
+    if silu:
+        y = F.silu(y)
+    shard.on_layer()
+    return y.to(x.dtype)
+
+
+def resnet(block: ResnetBlock, x: Tensor, shard: Shard) -> Tensor:
+    h = conv3x3(block.conv1, group_norm(block.norm1, x, shard, silu=True), shard)
+    h = conv3x3(block.conv2, group_norm(block.norm2, h, shard, silu=True), shard)
+    if hasattr(block, "nin_shortcut"):
+        x = block.nin_shortcut(x)
+    return x + h
+
+
+def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
+    """Exact global attention with queries sharded by rows: K/V of every rank, Q of this band only."""
+    B, C, H, W = x.shape
+    h = group_norm(attn.norm, x, shard)
+    q = to_tokens(attn.q(h))  # [B, 1, H*W, C]
+    k = to_tokens(gather_rows(attn.k(h), shard))  # [B, 1, L, C]
+    v = to_tokens(gather_rows(attn.v(h), shard))  # [B, 1, L, C]
+    h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, H*W, C]
+    h = h.transpose(-1, -2).reshape(B, C, H, W)
+    return x + attn.proj_out(h)
+
+
+def mid(block: MidBlock, x: Tensor, shard: Shard) -> Tensor:
+    x = resnet(block.block_1, x, shard)
+    x = attention(block.attn_1, x, shard)
+    return resnet(block.block_2, x, shard)
+
+
+def encoder_forward(enc: Encoder, x: Tensor, shard: Shard) -> Tensor:
+    h = conv3x3(enc.conv_in, x, shard)
+    for stage in enc.down:
+        for block in stage.block:
+            h = resnet(block, h, shard)
+        if hasattr(stage, "downsample"):
+            h = downsample(stage.downsample.conv, h, shard)
+    h = mid(enc.mid, h, shard)
+    return conv3x3(enc.conv_out, group_norm(enc.norm_out, h, shard, silu=True), shard)
+
+
+def decoder_forward(dec: Decoder, z: Tensor, shard: Shard) -> Tensor:
+    h = mid(dec.mid, conv3x3(dec.conv_in, z, shard), shard)
+    for stage in reversed(dec.up):
+        for block in stage.block:
+            h = resnet(block, h, shard)
+        if hasattr(stage, "upsample"):
+            h = conv3x3(stage.upsample.conv, F.interpolate(h, scale_factor=2.0, mode="nearest"), shard)
+    return conv3x3(dec.conv_out, group_norm(dec.norm_out, h, shard, silu=True), shard)
+
+
+def encode_band(ae: AutoEncoder, x: Tensor, shard: Shard) -> Tensor:
+    """This rank's rows of the posterior mean: [B, 3, rows, W] in [-1, 1] -> [B, z, rows/8, W/8]."""
+    moments = encoder_forward(ae.encoder, x, shard)
+    if ae.params.has_quant_conv:
+        moments = ae.quant_conv(moments)
+    return moments[:, : ae.params.z_channels]
+
+
+def decode_band(ae: AutoEncoder, z: Tensor, shard: Shard) -> Tensor:
+    """This rank's rows of the image: raw latent [B, z, rows, w] -> [B, 3, 8*rows, 8*w]."""
+    if ae.params.has_quant_conv:
+        z = ae.post_quant_conv(z)
+    return decoder_forward(ae.decoder, z, shard)
+
+
+def count_layers(ae: AutoEncoder, op: str) -> int:
+    """How many times `Shard.on_layer` fires in one band forward (for progress)."""
+    part = ae.encoder if op == "encode" else ae.decoder
+    return sum(isinstance(m, nn.GroupNorm) for m in part.modules())

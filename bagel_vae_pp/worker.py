@@ -1,0 +1,154 @@
+"""Entry point of a pool worker: `python -m bagel_vae_pp.worker --fd N`.
+
+Started by `pool.py` as a plain subprocess, never through multiprocessing's spawn, so ComfyUI's
+`main.py` is not re-executed here. The worker talks to the host over the inherited socket `N`
+(pickled builtins only), joins the torch.distributed group through a FileStore in the pool's private
+folder (no listening socket), and exits on its own when the host goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+
+import torch
+import torch.distributed as dist
+
+from . import shm
+from .autoencoder import autoencoder_from_state_dict
+from .collectives import JobCancelled
+from .jobs import Rank, run_job
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# control tensor slots, shared with the host
+CANCEL, DONE, TOTAL = 0, 1, 2
+
+
+def exit_with_host(host_pid: int, pool_dir: str) -> None:
+    """Watchdog: a SIGKILLed host cannot tell us; a stuck collective cannot read EOF. Poll the parent."""
+
+    def watch():
+        while True:
+            if os.getppid() != host_pid:
+                shm.remove_dir(pool_dir)
+                os._exit(3)
+            time.sleep(0.25)
+
+    threading.Thread(target=watch, daemon=True, name="host-watchdog").start()
+
+
+def check_device(device: torch.device, dtype_name: str) -> None:
+    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+        torch.cuda.set_device(device)
+        if dtype_name == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"dtype bf16 is not supported on {device} ({torch.cuda.get_device_name(device)}); "
+                             "use fp32 (FLUX VAEs overflow in fp16).")
+
+
+def init_group(cfg: dict) -> dict:
+    """Join the pool's process group; make one subgroup per prefix of ranks for jobs with fewer rows."""
+    world = cfg["world"]
+    groups = {1: None}
+    if world == 1:
+        return groups
+    backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
+    store = dist.FileStore(cfg["store"], world)
+    dist.init_process_group(backend, store=store, rank=cfg["rank"], world_size=world)
+    for k in range(2, world):
+        groups[k] = dist.new_group(list(range(k)))
+    groups[world] = dist.group.WORLD
+    return groups
+
+
+class Worker:
+    def __init__(self, cfg: dict, conn: Connection):
+        self.cfg, self.conn = cfg, conn
+        self.device = torch.device(cfg["device"])
+        self.dtype = DTYPES[cfg["dtype"]]
+        self.control = shm.attach(cfg["control"], (4,), torch.int64)
+        self.model = None
+        self.job_id = -1
+        check_device(self.device, cfg["dtype"])
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world"]))
+        self.groups = init_group(cfg)
+
+    def rank(self) -> Rank:
+        def report(done, total):
+            self.control[TOTAL], self.control[DONE] = total, done
+
+        def is_cancelled():
+            return int(self.control[CANCEL]) == self.job_id
+
+        c = self.cfg
+        return Rank(c["rank"], c["world"], self.groups, self.device, self.dtype, is_cancelled, report)
+
+    def load(self, msg: dict) -> dict:
+        from safetensors.torch import load_file
+
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.model = autoencoder_from_state_dict(load_file(msg["weights"]), self.device, self.dtype)
+        return {}
+
+    def job(self, msg: dict) -> dict:
+        self.job_id = msg["job"]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        inp = shm.attach(msg["input"], tuple(msg["input_shape"]))
+        out = shm.attach(msg["output"], tuple(msg["output_shape"]))
+        start = time.perf_counter()
+        run_job(self.model, msg, inp, out, self.rank())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        reply = {"seconds": time.perf_counter() - start}
+        if self.device.type == "cuda":
+            reply["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return reply
+
+    def serve(self) -> None:
+        handlers = {"load": self.load, "decode": self.job, "encode": self.job}
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg["op"] == "shutdown":
+                return
+            try:
+                reply = {"ok": True, **handlers[msg["op"]](msg)}
+            except JobCancelled:
+                reply = {"ok": False, "cancelled": True}
+            except Exception as e:  # reported to the host, which raises it in ComfyUI
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            self.conn.send(reply)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the host")
+    conn = Connection(parser.parse_args().fd)
+    cfg = conn.recv()
+    exit_with_host(cfg["host_pid"], cfg["pool_dir"])
+    try:
+        worker = Worker(cfg, conn)
+    except Exception as e:
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        return
+    conn.send({"ok": True, "pid": os.getpid()})
+    try:
+        worker.serve()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The worker pool against the single-process result, and its lifecycle (real gloo processes on CPU)."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
+
+TOL = {"rtol": 0, "atol": 1e-4}  # fp32: images live in [0, 1], so this is also ~1e-4 relative
+
+
+def reference_decode(ae, latent):
+    with torch.inference_mode():
+        return ((ae.decode(latent) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def reference_encode(ae, pixels):
+    with torch.inference_mode():
+        return ae.encode(pixels.permute(0, 3, 1, 2) * 2 - 1)
+
+
+def sky_and_ground(batch, channels, h, w, seed=0):
+    """Latents whose top and bottom bands differ strongly in mean, so a GroupNorm that merged
+    statistics wrongly (within-band variance only) would be visibly off."""
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.linspace(-3, 3, h)[None, None, :, None]
+    return torch.randn(batch, channels, h, w, generator=g) + offset
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+class TestExactness:
+    @pytest.mark.parametrize("workers", [1, 2, 3, 4])
+    @pytest.mark.parametrize("h,w,batch", [(11, 7, 2), (4, 5, 1)])
+    def test_decode_equals_single_process(self, cpu_pool, tiny_vae, workers, h, w, batch):
+        latent = sky_and_ground(batch, 16, h, w)
+        out = cpu_pool(workers).decode(tiny_vae, latent)
+        assert out.shape == (batch, 8 * h, 8 * w, 3) and out.dtype == torch.float32
+        torch.testing.assert_close(out, reference_decode(tiny_vae, latent), **TOL)
+
+    @pytest.mark.parametrize("workers", [1, 2, 3, 4])
+    @pytest.mark.parametrize("H,W,batch", [(88, 40, 2), (24, 16, 1)])
+    def test_encode_equals_single_process(self, cpu_pool, tiny_vae, workers, H, W, batch):
+        pixels = torch.rand(batch, H, W, 3)
+        pixels[:, : H // 2] *= 0.2  # dark top, bright bottom
+        out = cpu_pool(workers).encode(tiny_vae, pixels)
+        ref = reference_encode(tiny_vae, pixels)
+        assert out.shape == (batch, 16, H // 8, W // 8)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+    def test_fewer_latent_rows_than_workers(self, cpu_pool, tiny_vae):
+        latent = sky_and_ground(1, 16, 2, 3)
+        torch.testing.assert_close(cpu_pool(4).decode(tiny_vae, latent), reference_decode(tiny_vae, latent), **TOL)
+
+    def test_a_one_by_one_latent_decodes(self, cpu_pool, tiny_vae):
+        latent = sky_and_ground(1, 16, 1, 1)
+        torch.testing.assert_close(cpu_pool(3).decode(tiny_vae, latent), reference_decode(tiny_vae, latent), **TOL)
+
+    def test_sd_family_vae_with_quant_convs(self, cpu_pool, tiny_sd_vae):
+        latent = sky_and_ground(1, 4, 9, 6)
+        torch.testing.assert_close(cpu_pool(3).decode(tiny_sd_vae, latent), reference_decode(tiny_sd_vae, latent),
+                                   **TOL)
+        pixels = torch.rand(1, 72, 48, 3)
+        ref = reference_encode(tiny_sd_vae, pixels)
+        torch.testing.assert_close(cpu_pool(3).encode(tiny_sd_vae, pixels), ref, rtol=0,
+                                   atol=1e-4 * ref.abs().max().item())
+
+    def test_encode_crops_odd_sizes_around_the_centre_like_core(self, cpu_pool, tiny_vae):
+        pixels = torch.rand(1, 53, 70, 4)  # RGBA, 53 = 6*8 + 5 -> crop 2 rows top, 3 bottom
+        out = cpu_pool(2).encode(tiny_vae, pixels)
+        ref = reference_encode(tiny_vae, pixels[:, 2:50, 3:67, :3].contiguous())
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+class TestTiled:
+    def test_one_tile_covering_the_image_is_exact(self, cpu_pool, tiny_vae):
+        latent = sky_and_ground(1, 16, 6, 5)
+        out = cpu_pool(2).decode(tiny_vae, latent, mode="tiled", tile_px=64, overlap_px=16)
+        torch.testing.assert_close(out, reference_decode(tiny_vae, latent), **TOL)
+
+    @pytest.mark.parametrize("op", ["decode", "encode"])
+    def test_workers_agree_with_one_worker(self, cpu_pool, tiny_vae, op):
+        data = sky_and_ground(2, 16, 19, 13) if op == "decode" else torch.rand(1, 152, 104, 3)
+        kwargs = {"mode": "tiled", "tile_px": 64, "overlap_px": 16}
+        one = getattr(cpu_pool(1), op)(tiny_vae, data, **kwargs)
+        three = getattr(cpu_pool(3), op)(tiny_vae, data, **kwargs)
+        torch.testing.assert_close(three, one, rtol=0, atol=1e-5 * one.abs().max().item())
+
+    def test_bad_tile_geometry_names_the_inputs(self, cpu_pool, tiny_vae):
+        with pytest.raises(ValueError, match="tile_size/overlap: got 64/40"):
+            cpu_pool(2).decode(tiny_vae, torch.randn(1, 16, 4, 4), mode="tiled", tile_px=64, overlap_px=40)
+
+
+class TestLifecycle:
+    def test_two_vaes_two_jobs_then_shutdown_leaves_no_process(self, tiny_vae, tiny_sd_vae):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32"))
+        try:
+            a = pool.decode(tiny_vae, sky_and_ground(1, 16, 5, 4))
+            pids = [p.pid for p in pool.procs]
+            b = pool.decode(tiny_sd_vae, sky_and_ground(1, 4, 5, 4))
+            assert [p.pid for p in pool.procs] == pids  # same workers, new weights
+            assert a.shape == b.shape == (1, 40, 32, 3)
+            folder = pool.dir
+        finally:
+            pool.shutdown()
+        time.sleep(0.2)
+        assert not any(alive(pid) for pid in pids)
+        assert not os.path.exists(folder)
+        assert not pool.is_running
+
+    def test_a_killed_worker_is_an_error_within_seconds_and_the_pool_restarts(self, tiny_vae):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32"))
+        try:
+            pool.start()
+            victim = pool.procs[1].pid
+            os.kill(victim, 9)
+            start = time.monotonic()
+            with pytest.raises(WorkerError, match=r"worker 1 on cpu died \(exit code -9\)"):
+                pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
+            assert time.monotonic() - start < 5
+            out = pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
+            assert out.shape == (1, 32, 32, 3)
+        finally:
+            pool.shutdown()
+
+    def test_interrupt_cancels_the_job_and_the_pool_stays_usable(self, tiny_vae):
+        class Interrupted(Exception):
+            pass
+
+        calls = []
+
+        def interrupt():
+            calls.append(1)
+            if len(calls) > 2:
+                raise Interrupted()
+
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32"))
+        try:
+            pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
+            pids = [p.pid for p in pool.procs]
+            start = time.monotonic()
+            with pytest.raises(Interrupted):
+                pool.decode(tiny_vae, sky_and_ground(1, 16, 96, 96), interrupt=interrupt)
+            assert time.monotonic() - start < 3
+            assert [p.pid for p in pool.procs] == pids  # cancelled cooperatively, not killed
+            assert pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4)).shape == (1, 32, 32, 3)
+        finally:
+            pool.shutdown()
+
+    def test_progress_reaches_the_total(self, cpu_pool, tiny_vae):
+        seen = []
+        cpu_pool(2).decode(tiny_vae, sky_and_ground(1, 16, 4, 4), progress=lambda d, t: seen.append((d, t)))
+        assert seen and seen[-1][0] == seen[-1][1]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("shape,match", [
+        ((1, 4, 8, 8), "the latent has 4 channels but this VAE takes 16"),
+        ((0, 16, 8, 8), "the batch is empty"),
+        ((1, 16, 2, 8, 8), r"expected an image latent \[B, C, H, W\]"),
+    ])
+    def test_latent_errors_name_the_input(self, cpu_pool, tiny_vae, shape, match):
+        with pytest.raises(ValueError, match="samples: " + match):
+            cpu_pool(2).decode(tiny_vae, torch.randn(shape))
+
+    def test_nan_latent_is_refused(self, cpu_pool, tiny_vae):
+        latent = torch.randn(1, 16, 4, 4)
+        latent[0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="samples: contains 1 NaN/Inf"):
+            cpu_pool(2).decode(tiny_vae, latent)
+
+    def test_image_smaller_than_one_latent_pixel_is_refused(self, cpu_pool, tiny_vae):
+        with pytest.raises(ValueError, match="pixels: the image is 5x4"):
+            cpu_pool(2).encode(tiny_vae, torch.rand(1, 4, 5, 3))
