@@ -10,8 +10,7 @@ except ImportError:
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 else:
     from .bagel_vae_pp.pool import shutdown_all
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from .nodes import host
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 
     host.register_model_folders()
     host.hook_unload(shutdown_all)

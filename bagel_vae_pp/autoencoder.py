@@ -124,9 +124,7 @@ class Encoder(nn.Module):
         for level in range(len(p.ch_mult)):
             stage = nn.Module()
             c_in, c_out = widths[level], widths[level + 1]
-            stage.block = nn.ModuleList(
-                ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks)
-            )
+            stage.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks))
             if level != len(p.ch_mult) - 1:
                 stage.downsample = Downsample(c_out)
             self.down.append(stage)
@@ -237,8 +235,10 @@ def detect_params(sd: dict[str, Tensor]) -> AutoEncoderParams:
             "ae.safetensors, SD1.5/SDXL/SD3 VAE files in LDM layout, ComfyUI VAE objects of those families."
         )
     if any(".attn." in k for k in sd if k.startswith(("encoder.down.", "decoder.up."))):
-        raise ValueError("vae: this autoencoder has attention inside its resolution levels; only mid-block "
-                         "attention (FLUX/SD family) is supported.")
+        raise ValueError(
+            "vae: this autoencoder has attention inside its resolution levels; only mid-block "
+            "attention (FLUX/SD family) is supported."
+        )
     side = "encoder" if has_encoder else "decoder"
     stage = "down" if has_encoder else "up"
     levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith(f"{side}.{stage}.")})

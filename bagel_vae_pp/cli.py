@@ -8,6 +8,7 @@ single-process fp32 full-image result on the same input.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -58,9 +59,13 @@ def timed(fn, repeat: int, device: torch.device):
     return result, 1000 * statistics.median(times)
 
 
-def single_process(ae, op, data, device, dtype):
-    """The plain full-image forward in this process, in ComfyUI's layouts, as the reference path."""
-    model = ae.to(device, dtype)
+def single_process(ae, op, data, device, dtype, model=None):
+    """The plain full-image forward in this process, in ComfyUI's layouts, as the reference path.
+
+    Runs on a copy (or on `model`, a copy made earlier): casting `ae` itself to bf16 and back would round the
+    weights that the pool gets next.
+    """
+    model = model or copy.deepcopy(ae).to(device, dtype)
     with torch.inference_mode():
         if op == "decode":
             x = model.decode(data.to(device, dtype))
@@ -69,32 +74,35 @@ def single_process(ae, op, data, device, dtype):
         return model.encode(x.to(dtype)).float().cpu()
 
 
+def bench_op(ae, op, data, args, device) -> list[dict]:
+    """Single process (full image, in --dtype) and the pool, both against the single-process fp32 result."""
+    ref = single_process(ae, op, data, device, torch.float32)
+    base = {"op": op, "size": args.size, "batch": args.batch, "dtype": args.dtype, "device": args.device}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = copy.deepcopy(ae).to(device, DTYPES[args.dtype])
+    out, ms = timed(lambda: single_process(ae, op, data, device, DTYPES[args.dtype], model), args.repeat, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    rows = [{**base, "mode": "full", "workers": 1, "ms": ms, "peak_gib": peak, **errors(out, ref)}]
+    pool = get_pool(PoolSpec.parse(pool_devices(args), args.dtype, args.timeout_s))
+    run = pool.decode if op == "decode" else pool.encode
+    kwargs = {"mode": args.mode, "tile_px": args.tile, "overlap_px": args.overlap}
+    run(ae, data, **kwargs)  # warm-up: starts workers, sends weights
+    out, ms = timed(lambda: run(ae, data, **kwargs), args.repeat, torch.device("cpu"))
+    peaks = [r.get("peak_bytes") for r in pool.last_replies]
+    peak = max(peaks) / 2**30 if all(p is not None for p in peaks) else None
+    rows.append(
+        {**base, "mode": args.mode, "workers": len(pool.spec.devices), "ms": ms, "peak_gib": peak, **errors(out, ref)}
+    )
+    return rows
+
+
 def bench(args) -> list[dict]:
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
     ae = load_vae(args.vae).float()
     pixels = test_image(args.size, args.batch)
     latent = single_process(ae, "encode", pixels, device, torch.float32)
-    inputs = {"decode": latent, "encode": pixels}
-    rows = []
-    for op in ("decode", "encode"):
-        ref = single_process(ae, op, inputs[op], device, torch.float32)
-        base = {"op": op, "size": args.size, "batch": args.batch, "dtype": args.dtype, "device": args.device}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        out, ms = timed(lambda: single_process(ae, op, inputs[op], device, DTYPES[args.dtype]), args.repeat, device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        rows.append({**base, "mode": "full", "workers": 1, "ms": ms, "peak_gib": peak, **errors(out, ref)})
-        ae.to("cpu", torch.float32)
-        pool = get_pool(PoolSpec.parse(pool_devices(args), args.dtype, args.timeout_s))
-        run = pool.decode if op == "decode" else pool.encode
-        kwargs = {"mode": args.mode, "tile_px": args.tile, "overlap_px": args.overlap}
-        run(ae, inputs[op], **kwargs)  # warm-up: starts workers, sends weights
-        out, ms = timed(lambda: run(ae, inputs[op], **kwargs), args.repeat, torch.device("cpu"))
-        peaks = [r.get("peak_bytes") for r in pool.last_replies]
-        peak = max(peaks) / 2**30 if all(p is not None for p in peaks) else None
-        rows.append({**base, "mode": args.mode, "workers": len(pool.spec.devices), "ms": ms, "peak_gib": peak,
-                     **errors(out, ref)})
-    return rows
+    return bench_op(ae, "decode", latent, args, device) + bench_op(ae, "encode", pixels, args, device)
 
 
 def pool_devices(args) -> str:
@@ -108,8 +116,10 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        print(f"| {r['op']} | {r['mode']} | {r['workers']} | {r['size']} | {r['dtype']} | {r['ms']:.1f} | {peak} "
-              f"| {r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} |")
+        print(
+            f"| {r['op']} | {r['mode']} | {r['workers']} | {r['size']} | {r['dtype']} | {r['ms']:.1f} | {peak} "
+            f"| {r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} |"
+        )
 
 
 def main(argv=None) -> int:

@@ -59,8 +59,13 @@ def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
             raise JobCancelled("cancelled")
         return mean, var
     count = x[0, : C // groups].numel()
-    local = torch.cat([x.new_tensor([count, float(shard.is_cancelled())], dtype=torch.float64),
-                       mean.double().flatten(), (var.double() * count).flatten()])
+    local = torch.cat(
+        [
+            x.new_tensor([count, float(shard.is_cancelled())], dtype=torch.float64),
+            mean.double().flatten(),
+            (var.double() * count).flatten(),
+        ]
+    )
     gathered = [torch.empty_like(local) for _ in range(shard.world)]
     dist.all_gather(gathered, local, group=shard.group)
     stats = torch.stack(gathered).cpu()  # [world, 2 + 2*B*G]

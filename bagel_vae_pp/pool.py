@@ -72,7 +72,9 @@ class WorkerPool:
     def describe(self) -> str:
         state = "running" if self.is_running else "stopped"
         pids = ",".join(str(p.pid) for p in self.procs)
-        return f"{len(self.spec.devices)} worker(s) on {', '.join(self.spec.devices)}, {self.spec.dtype}, {state} {pids}"
+        return (
+            f"{len(self.spec.devices)} worker(s) on {', '.join(self.spec.devices)}, {self.spec.dtype}, {state} {pids}"
+        )
 
     # ---- lifecycle ----
 
@@ -83,25 +85,44 @@ class WorkerPool:
             self.dir = shm.make_private_dir("bagel_vae_pp-")
             self.control = shm.create(os.path.join(self.dir, "control"), (4,), torch.int64)
             self.control[CANCEL] = -1
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+            }
             # Keep rendezvous and collectives on loopback; NVLink multicast stays off (see BENCHMARKS.md).
-            for key, value in {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "NCCL_NVLS_ENABLE": "0",
-                               "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+            for key, value in {
+                "GLOO_SOCKET_IFNAME": "lo",
+                "NCCL_SOCKET_IFNAME": "lo",
+                "NCCL_NVLS_ENABLE": "0",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1",
+            }.items():
                 env.setdefault(key, value)
             try:
                 for rank, device in enumerate(self.spec.devices):
                     host_end, child_end = Pipe(duplex=True)
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "bagel_vae_pp.worker", "--fd", str(child_end.fileno())],
-                        pass_fds=[child_end.fileno()], env=env, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT,
+                        pass_fds=[child_end.fileno()],
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        cwd=PACKAGE_ROOT,
                     )
                     child_end.close()
                     self.procs.append(proc)
                     self.conns.append(host_end)
-                    host_end.send({"rank": rank, "world": len(self.spec.devices), "device": device,
-                                   "dtype": self.spec.dtype, "store": os.path.join(self.dir, "store"),
-                                   "control": os.path.join(self.dir, "control"), "pool_dir": self.dir,
-                                   "host_pid": os.getpid()})
+                    host_end.send(
+                        {
+                            "rank": rank,
+                            "world": len(self.spec.devices),
+                            "device": device,
+                            "dtype": self.spec.dtype,
+                            "store": os.path.join(self.dir, "store"),
+                            "control": os.path.join(self.dir, "control"),
+                            "pool_dir": self.dir,
+                            "host_pid": os.getpid(),
+                        }
+                    )
                 self.wait_all("start", time.monotonic() + START_TIMEOUT_S)
             except BaseException:
                 self.kill()
@@ -174,9 +195,11 @@ class WorkerPool:
                     self.cancel(pending)
                     raise
             if time.monotonic() > deadline:
-                raise self.fail(f"{what}: no reply from worker(s) {sorted(pending)} "
-                                f"({', '.join(self.spec.devices[r] for r in pending)}) before the deadline; "
-                                "a worker is stuck (raise timeout_s on the pool node for very large jobs).")
+                raise self.fail(
+                    f"{what}: no reply from worker(s) {sorted(pending)} "
+                    f"({', '.join(self.spec.devices[r] for r in pending)}) before the deadline; "
+                    "a worker is stuck (raise timeout_s on the pool node for very large jobs)."
+                )
         return [replies[r] for r in sorted(replies)]
 
     def died(self, rank: int, what: str) -> WorkerError:
@@ -250,13 +273,22 @@ class WorkerPool:
                 shm.create(paths[0], tuple(data.shape)).copy_(data)
                 out = shm.create(paths[1], out_shape)
                 self.control[DONE], self.control[TOTAL] = 0, 0
-                job = {"op": op, "job": self.job_id, "mode": mode, "tile_px": tile_px, "overlap_px": overlap_px,
-                       "input": paths[0], "input_shape": list(data.shape),
-                       "output": paths[1], "output_shape": list(out_shape)}
+                job = {
+                    "op": op,
+                    "job": self.job_id,
+                    "mode": mode,
+                    "tile_px": tile_px,
+                    "overlap_px": overlap_px,
+                    "input": paths[0],
+                    "input_shape": list(data.shape),
+                    "output": paths[1],
+                    "output_shape": list(out_shape),
+                }
                 for conn in self.conns:
                     conn.send(job)
-                self.last_replies = self.wait_all(op, time.monotonic() + self.deadline_s(out_shape, op),
-                                                  interrupt, progress)
+                self.last_replies = self.wait_all(
+                    op, time.monotonic() + self.deadline_s(out_shape, op), interrupt, progress
+                )
             finally:
                 for path in paths:
                     shm.unlink(path)

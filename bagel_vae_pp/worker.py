@@ -47,8 +47,10 @@ def check_device(device: torch.device, dtype_name: str) -> None:
             raise ValueError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
         torch.cuda.set_device(device)
         if dtype_name == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"dtype bf16 is not supported on {device} ({torch.cuda.get_device_name(device)}); "
-                             "use fp32 (FLUX VAEs overflow in fp16).")
+            raise ValueError(
+                f"dtype bf16 is not supported on {device} ({torch.cuda.get_device_name(device)}); "
+                "use fp32 (FLUX VAEs overflow in fp16)."
+            )
 
 
 def init_group(cfg: dict) -> dict:

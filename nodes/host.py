@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import os
 
-import folder_paths
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
 BAGEL_FOLDER = "bagel"
 

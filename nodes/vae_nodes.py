@@ -8,16 +8,37 @@ from . import host
 
 CATEGORY = "bagel-vae-pp/VAE"
 POOL_TYPE = "VAE_POOL"
-POOL_INPUT = (POOL_TYPE, {"tooltip": "Workers from a VAE Worker Pool node. Unconnected: every GPU (or 2 CPU "
-                          "workers when ComfyUI runs on CPU), dtype auto."})
-MODE_INPUT = (list(MODES), {"default": "exact", "tooltip": "exact: split by rows with halo exchange, synchronised "
-                            "GroupNorm and global attention; equals a single-GPU run. tiled: independent "
-                            "overlapping tiles blended with a feather; approximate, for images too large even "
-                            "for exact mode."})
-TILE_INPUT = ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 64,
-                      "tooltip": "Tiled mode only: tile side in image pixels."})
-OVERLAP_INPUT = ("INT", {"default": 128, "min": 0, "max": 2048, "step": 32,
-                         "tooltip": "Tiled mode only: overlap between tiles in image pixels (less than half a tile)."})
+POOL_INPUT = (
+    POOL_TYPE,
+    {
+        "tooltip": "Workers from a VAE Worker Pool node. Unconnected: every GPU (or 2 CPU "
+        "workers when ComfyUI runs on CPU), dtype auto."
+    },
+)
+MODE_INPUT = (
+    list(MODES),
+    {
+        "default": "exact",
+        "tooltip": "exact: split by rows with halo exchange, synchronised "
+        "GroupNorm and global attention; equals a single-GPU run. tiled: independent "
+        "overlapping tiles blended with a feather; approximate, for images too large even "
+        "for exact mode.",
+    },
+)
+TILE_INPUT = (
+    "INT",
+    {"default": 1024, "min": 64, "max": 8192, "step": 64, "tooltip": "Tiled mode only: tile side in image pixels."},
+)
+OVERLAP_INPUT = (
+    "INT",
+    {
+        "default": 128,
+        "min": 0,
+        "max": 2048,
+        "step": 32,
+        "tooltip": "Tiled mode only: overlap between tiles in image pixels (less than half a tile).",
+    },
+)
 
 
 def pool_for(spec: PoolSpec | None):
@@ -27,8 +48,10 @@ def pool_for(spec: PoolSpec | None):
 class VAEWorkerPool:
     TITLE = "VAE Worker Pool"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Starts one worker process per device (kept across prompts) for the Distributed VAE nodes. "
-                   "Free model and node cache stops them; the next prompt starts them again.")
+    DESCRIPTION = (
+        "Starts one worker process per device (kept across prompts) for the Distributed VAE nodes. "
+        "Free model and node cache stops them; the next prompt starts them again."
+    )
     FUNCTION = "execute"
     RETURN_TYPES = (POOL_TYPE,)
     RETURN_NAMES = ("pool",)
@@ -36,15 +59,37 @@ class VAEWorkerPool:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "devices": ("STRING", {"default": "all", "tooltip": "'all' (every GPU), GPU ids like '0,1,2,3', "
-                                   "or 'cpu:N' for N CPU worker processes."}),
-            "dtype": (list(DTYPE_NAMES), {"default": "auto", "tooltip": "Compute dtype in the workers. auto: bf16 "
-                                          "on GPUs, fp32 on CPU. FLUX VAEs overflow in fp16."}),
-            "timeout_s": ("INT", {"default": 120, "min": 5, "max": 86400, "step": 5, "tooltip": "A job running "
-                                  "longer than this (plus an allowance for its size) counts as stuck: the pool "
-                                  "is stopped and an error raised."}),
-        }}
+        return {
+            "required": {
+                "devices": (
+                    "STRING",
+                    {
+                        "default": "all",
+                        "tooltip": "'all' (every GPU), GPU ids like '0,1,2,3', or 'cpu:N' for N CPU worker processes.",
+                    },
+                ),
+                "dtype": (
+                    list(DTYPE_NAMES),
+                    {
+                        "default": "auto",
+                        "tooltip": "Compute dtype in the workers. auto: bf16 "
+                        "on GPUs, fp32 on CPU. FLUX VAEs overflow in fp16.",
+                    },
+                ),
+                "timeout_s": (
+                    "INT",
+                    {
+                        "default": 120,
+                        "min": 5,
+                        "max": 86400,
+                        "step": 5,
+                        "tooltip": "A job running "
+                        "longer than this (plus an allowance for its size) counts as stuck: the pool "
+                        "is stopped and an error raised.",
+                    },
+                ),
+            }
+        }
 
     @classmethod
     def VALIDATE_INPUTS(cls, devices, dtype, timeout_s):
@@ -63,9 +108,11 @@ class VAEWorkerPool:
 class DistributedVAEDecode:
     TITLE = "Distributed VAE Decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Decodes latents to images with the VAE split across several GPUs (or CPU workers). "
-                   "Exact mode gives the same image as VAE Decode on one device, with a fraction of the memory "
-                   "on each.")
+    DESCRIPTION = (
+        "Decodes latents to images with the VAE split across several GPUs (or CPU workers). "
+        "Exact mode gives the same image as VAE Decode on one device, with a fraction of the memory "
+        "on each."
+    )
     FUNCTION = "execute"
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The decoded image.",)
@@ -84,17 +131,26 @@ class DistributedVAEDecode:
         }
 
     def execute(self, samples, vae, mode, tile_size, overlap, pool=None):
-        image = pool_for(pool).decode(host.vae_module(vae), samples["samples"], mode, tile_size, overlap,
-                                      interrupt=host.throw_if_interrupted, progress=host.Progress(100))
+        image = pool_for(pool).decode(
+            host.vae_module(vae),
+            samples["samples"],
+            mode,
+            tile_size,
+            overlap,
+            interrupt=host.throw_if_interrupted,
+            progress=host.Progress(100),
+        )
         return (image,)
 
 
 class DistributedVAEEncode:
     TITLE = "Distributed VAE Encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Encodes images to latents with the VAE split across several GPUs (or CPU workers). Sizes "
-                   "that are not multiples of 8 are centre-cropped like VAE Encode; the result is the "
-                   "deterministic posterior mean, the same as VAE Encode gives.")
+    DESCRIPTION = (
+        "Encodes images to latents with the VAE split across several GPUs (or CPU workers). Sizes "
+        "that are not multiples of 8 are centre-cropped like VAE Encode; the result is the "
+        "deterministic posterior mean, the same as VAE Encode gives."
+    )
     FUNCTION = "execute"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The encoded latent, in the VAE's raw space (as VAE Encode returns it).",)
@@ -113,8 +169,15 @@ class DistributedVAEEncode:
         }
 
     def execute(self, pixels, vae, mode, tile_size, overlap, pool=None):
-        latent = pool_for(pool).encode(host.vae_module(vae), pixels, mode, tile_size, overlap,
-                                       interrupt=host.throw_if_interrupted, progress=host.Progress(100))
+        latent = pool_for(pool).encode(
+            host.vae_module(vae),
+            pixels,
+            mode,
+            tile_size,
+            overlap,
+            interrupt=host.throw_if_interrupted,
+            progress=host.Progress(100),
+        )
         return ({"samples": latent},)
 
 

@@ -15,8 +15,14 @@ class TestDetectAndLoad:
 
     def test_flux_key_names_match_ae_safetensors(self):
         keys = set(random_autoencoder("flux").state_dict())
-        for key in ["encoder.down.2.downsample.conv.weight", "encoder.mid.attn_1.q.weight", "decoder.up.3.upsample.conv.bias",
-                    "decoder.up.0.block.0.nin_shortcut.weight", "decoder.norm_out.weight", "encoder.conv_out.weight"]:
+        for key in [
+            "encoder.down.2.downsample.conv.weight",
+            "encoder.mid.attn_1.q.weight",
+            "decoder.up.3.upsample.conv.bias",
+            "decoder.up.0.block.0.nin_shortcut.weight",
+            "decoder.norm_out.weight",
+            "encoder.conv_out.weight",
+        ]:
             assert key in keys
         assert not any("quant_conv" in k for k in keys)
 

@@ -67,12 +67,14 @@ class TestExactness:
 
     def test_sd_family_vae_with_quant_convs(self, cpu_pool, tiny_sd_vae):
         latent = sky_and_ground(1, 4, 9, 6)
-        torch.testing.assert_close(cpu_pool(3).decode(tiny_sd_vae, latent), reference_decode(tiny_sd_vae, latent),
-                                   **TOL)
+        torch.testing.assert_close(
+            cpu_pool(3).decode(tiny_sd_vae, latent), reference_decode(tiny_sd_vae, latent), **TOL
+        )
         pixels = torch.rand(1, 72, 48, 3)
         ref = reference_encode(tiny_sd_vae, pixels)
-        torch.testing.assert_close(cpu_pool(3).encode(tiny_sd_vae, pixels), ref, rtol=0,
-                                   atol=1e-4 * ref.abs().max().item())
+        torch.testing.assert_close(
+            cpu_pool(3).encode(tiny_sd_vae, pixels), ref, rtol=0, atol=1e-4 * ref.abs().max().item()
+        )
 
     def test_encode_crops_odd_sizes_around_the_centre_like_core(self, cpu_pool, tiny_vae):
         pixels = torch.rand(1, 53, 70, 4)  # RGBA, 53 = 6*8 + 5 -> crop 2 rows top, 3 bottom
@@ -163,11 +165,14 @@ class TestLifecycle:
 
 
 class TestBadInput:
-    @pytest.mark.parametrize("shape,match", [
-        ((1, 4, 8, 8), "the latent has 4 channels but this VAE takes 16"),
-        ((0, 16, 8, 8), "the batch is empty"),
-        ((1, 16, 2, 8, 8), r"expected an image latent \[B, C, H, W\]"),
-    ])
+    @pytest.mark.parametrize(
+        "shape,match",
+        [
+            ((1, 4, 8, 8), "the latent has 4 channels but this VAE takes 16"),
+            ((0, 16, 8, 8), "the batch is empty"),
+            ((1, 16, 2, 8, 8), r"expected an image latent \[B, C, H, W\]"),
+        ],
+    )
     def test_latent_errors_name_the_input(self, cpu_pool, tiny_vae, shape, match):
         with pytest.raises(ValueError, match="samples: " + match):
             cpu_pool(2).decode(tiny_vae, torch.randn(shape))
