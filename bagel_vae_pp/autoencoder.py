@@ -74,16 +74,24 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (to_tokens(conv(h)) for conv in (self.q, self.k, self.v))  # [B, 1, H*W, C]
-        h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj_out(h)
+        h = to_tokens(self.norm(x))  # [B, H*W, C]
+        q, k, v = (linear_1x1(conv, h) for conv in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, H*W, C]
+        return x + from_tokens(linear_1x1(self.proj_out, h), H, W)
 
 
 def to_tokens(x: Tensor) -> Tensor:
-    B, C, H, W = x.shape
-    return x.reshape(B, 1, C, H * W).transpose(-1, -2)  # [B, 1, H*W, C]
+    """[B, C, H, W] -> contiguous [B, H*W, C]: SDPA's efficient kernels need a unit stride in the last dim."""
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def from_tokens(x: Tensor, H: int, W: int) -> Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], H, W)  # [B, C, H, W]
+
+
+def linear_1x1(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+    """A 1x1 conv applied to tokens [B, L, C] as a matmul, keeping the token layout."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 class Downsample(nn.Module):

@@ -6,6 +6,7 @@ and is a local no-op when the shard has one rank. Ranks are bands ordered top to
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,11 @@ class JobCancelled(RuntimeError):
     """Every rank raises this at the same layer once any rank saw the pool's cancel flag."""
 
 
+# A cancel flag gathered at GroupNorm i is acted on at GroupNorm i + CANCEL_LAG, when its copy to the host has
+# long finished: no rank ever waits for the GPU just to look at it, and all ranks stop at the same layer.
+CANCEL_LAG = 2
+
+
 @dataclass
 class Shard:
     rank: int  # this worker's band index, 0 = top
@@ -26,10 +32,30 @@ class Shard:
     latent_bands: list[tuple[int, int]]  # every rank's band at latent (mid-block) resolution
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
     on_layer: Callable[[], None] = field(default=lambda: None)
+    flags: deque = field(default_factory=deque)  # (event or None, host tensor) per GroupNorm, oldest first
 
     def __post_init__(self):
         assert len(self.latent_bands) == self.world, (self.latent_bands, self.world)
         assert (self.group is None) == (self.world == 1)
+
+    @property
+    def heights(self) -> list[int]:
+        return [stop - start for start, stop in self.latent_bands]
+
+    def push_cancel_flag(self, flag: Tensor) -> None:
+        """Queue the gathered flag (device scalar); raise JobCancelled for one queued CANCEL_LAG layers ago."""
+        host = torch.empty((), dtype=flag.dtype, pin_memory=flag.is_cuda)
+        host.copy_(flag, non_blocking=flag.is_cuda)
+        event = torch.cuda.Event() if flag.is_cuda else None
+        if event is not None:
+            event.record()
+        self.flags.append((event, host))
+        if len(self.flags) > CANCEL_LAG:
+            event, host = self.flags.popleft()
+            if event is not None:
+                event.synchronize()
+            if host.item():
+                raise JobCancelled("cancelled")
 
 
 def exchange_halo(x: Tensor, shard: Shard) -> tuple[Tensor | None, Tensor | None]:
@@ -47,47 +73,39 @@ def exchange_halo(x: Tensor, shard: Shard) -> tuple[Tensor | None, Tensor | None
 def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and biased variance over all ranks' rows, in fp32. [B, G] each.
 
-    Each rank reduces its band to (count, mean, M2) in fp32; one all_gather of a small fp64 vector lets every
-    rank merge them with Chan's formula, which stays exact when bands have very different means
-    (a plain sum-of-squares would cancel catastrophically). The cancel flag rides along, so all ranks
-    agree on it at the same layer.
+    Each rank reduces its band to (mean, M2) in fp32; one all_gather of a small fp64 vector lets every rank
+    merge them with Chan's formula, which stays exact when bands have very different means (a plain
+    sum-of-squares would cancel catastrophically). Counts follow from the band plan, so nothing here waits
+    for the GPU. The cancel flag rides along.
     """
-    B, C = x.shape[:2]
+    B, C, H, W = x.shape
     var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=-1, correction=0)  # [B, G]
     if shard.world == 1:
         if shard.is_cancelled():
             raise JobCancelled("cancelled")
         return mean, var
-    count = x[0, : C // groups].numel()
-    local = torch.cat(
-        [
-            x.new_tensor([count, float(shard.is_cancelled())], dtype=torch.float64),
-            mean.double().flatten(),
-            (var.double() * count).flatten(),
-        ]
-    )
+    rows_per_latent_row = H / shard.heights[shard.rank]  # same on every rank: all bands scale alike
+    counts = [h * rows_per_latent_row * W * (C // groups) for h in shard.heights]
+    flag = torch.full((1,), float(shard.is_cancelled()), dtype=torch.float64, device=x.device)
+    local = torch.cat([flag, mean.double().flatten(), var.double().flatten() * counts[shard.rank]])
     gathered = [torch.empty_like(local) for _ in range(shard.world)]
     dist.all_gather(gathered, local, group=shard.group)
-    stats = torch.stack(gathered).cpu()  # [world, 2 + 2*B*G]
-    if stats[:, 1].any():
-        raise JobCancelled("cancelled")
-    n = stats[:, :1]  # [world, 1]
-    means, m2s = stats[:, 2 : 2 + B * groups], stats[:, 2 + B * groups :]
-    total = n.sum()
-    mean_all = (n * means).sum(0) / total
-    m2_all = (m2s + n * (means - mean_all) ** 2).sum(0)
-    shape = (B, groups)
-    return mean_all.view(shape).float().to(x.device), (m2_all / total).view(shape).float().to(x.device)
+    stats = torch.stack(gathered)  # [world, 1 + 2*B*G]
+    shard.push_cancel_flag(stats[:, 0].max())
+    means, m2s = stats[:, 1 : 1 + B * groups], stats[:, 1 + B * groups :]
+    total = sum(counts)
+    mean_all = sum(means[i] * (n / total) for i, n in enumerate(counts))
+    m2_all = sum(m2s[i] + n * (means[i] - mean_all) ** 2 for i, n in enumerate(counts))
+    return mean_all.view(B, groups).float(), (m2_all / total).view(B, groups).float()
 
 
-def gather_rows(x: Tensor, shard: Shard) -> Tensor:
-    """Concatenate every rank's band of a latent-resolution map along H: [B, C, sum(rows), W]."""
+def gather_tokens(t: Tensor, shard: Shard) -> Tensor:
+    """Concatenate every rank's latent-resolution tokens [B, rows*W, C] in row order: [B, L, C]."""
     if shard.world == 1:
-        return x
-    heights = [stop - start for start, stop in shard.latent_bands]
-    assert x.shape[2] == heights[shard.rank], (x.shape, heights)
-    tallest = max(heights)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, tallest - x.shape[2])).contiguous()
+        return t
+    per_row = t.shape[1] // shard.heights[shard.rank]
+    lengths = [h * per_row for h in shard.heights]
+    padded = torch.nn.functional.pad(t, (0, 0, 0, max(lengths) - t.shape[1])).contiguous()
     gathered = [torch.empty_like(padded) for _ in range(shard.world)]
     dist.all_gather(gathered, padded, group=shard.group)
-    return torch.cat([g[:, :, :h] for g, h in zip(gathered, heights)], dim=2)
+    return torch.cat([g[:, :n] for g, n in zip(gathered, lengths)], dim=1)

@@ -64,6 +64,8 @@ class WorkerPool:
         self.job_id = 0
         self.vae_ref = None  # weakref to the module whose weights the workers hold
         self.vae_params: AutoEncoderParams | None = None
+        self.last_replies: list[dict] = []  # the workers' replies to the last job (timings, peak memory)
+        self.last_timing: dict = {}
 
     @property
     def is_running(self) -> bool:
@@ -258,6 +260,7 @@ class WorkerPool:
 
     def run(self, op, vae, data, mode, tile_px, overlap_px, interrupt, progress):
         with self.lock:
+            entered = time.time()
             self.start()
             params = self.ensure_vae(vae)
             check_tiles(mode, tile_px, overlap_px, params.downscale)
@@ -284,11 +287,13 @@ class WorkerPool:
                     "output": paths[1],
                     "output_shape": list(out_shape),
                 }
+                sent = time.time()
                 for conn in self.conns:
                     conn.send(job)
                 self.last_replies = self.wait_all(
                     op, time.monotonic() + self.deadline_s(out_shape, op), interrupt, progress
                 )
+                self.last_timing = timing(entered, sent, self.last_replies)
             finally:
                 for path in paths:
                     shm.unlink(path)
@@ -322,6 +327,18 @@ class WorkerPool:
         in `decode`.
         """
         return self.run("encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress)
+
+
+def timing(entered: float, sent: float, replies: list[dict]) -> dict:
+    """Where a job's wall time went, in ms: host preparation, hand-over to workers, compute, hand-back."""
+    busy = [r for r in replies if "received" in r]
+    received, finished = max(r["received"] for r in busy), max(r["finished"] for r in busy)
+    return {
+        "prepare_ms": 1000 * (sent - entered),
+        "dispatch_ms": 1000 * (received - sent),
+        "compute_ms": 1000 * max(r["seconds"] for r in busy),
+        "collect_ms": 1000 * (time.time() - finished),
+    }
 
 
 # The one process-wide state: pools by spec, so prompts reuse running workers.

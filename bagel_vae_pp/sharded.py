@@ -12,8 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoencoder import AttnBlock, AutoEncoder, Decoder, Encoder, MidBlock, ResnetBlock, to_tokens
-from .collectives import Shard, exchange_halo, gather_rows, group_stats
+from .autoencoder import (
+    AttnBlock,
+    AutoEncoder,
+    Decoder,
+    Encoder,
+    MidBlock,
+    ResnetBlock,
+    from_tokens,
+    linear_1x1,
+    to_tokens,
+)
+from .collectives import Shard, exchange_halo, gather_tokens, group_stats
 
 
 def with_halo(x: Tensor, shard: Shard, top: bool = True) -> Tensor:
@@ -59,13 +69,12 @@ def resnet(block: ResnetBlock, x: Tensor, shard: Shard) -> Tensor:
 def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
     """Exact global attention with queries sharded by rows: K/V of every rank, Q of this band only."""
     B, C, H, W = x.shape
-    h = group_norm(attn.norm, x, shard)
-    q = to_tokens(attn.q(h))  # [B, 1, H*W, C]
-    k = to_tokens(gather_rows(attn.k(h), shard))  # [B, 1, L, C]
-    v = to_tokens(gather_rows(attn.v(h), shard))  # [B, 1, L, C]
-    h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, H*W, C]
-    h = h.transpose(-1, -2).reshape(B, C, H, W)
-    return x + attn.proj_out(h)
+    h = to_tokens(group_norm(attn.norm, x, shard))  # [B, H*W, C]
+    q = linear_1x1(attn.q, h)  # [B, H*W, C]
+    k = gather_tokens(linear_1x1(attn.k, h), shard)  # [B, L, C]
+    v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L, C]
+    h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, H*W, C]
+    return x + from_tokens(linear_1x1(attn.proj_out, h), H, W)
 
 
 def mid(block: MidBlock, x: Tensor, shard: Shard) -> Tensor:

@@ -101,6 +101,7 @@ class Worker:
         return {}
 
     def job(self, msg: dict) -> dict:
+        received = time.time()
         self.job_id = msg["job"]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -110,7 +111,7 @@ class Worker:
         run_job(self.model, msg, inp, out, self.rank())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        reply = {"seconds": time.perf_counter() - start}
+        reply = {"seconds": time.perf_counter() - start, "received": received, "finished": time.time()}
         if self.device.type == "cuda":
             reply["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return reply

@@ -114,6 +114,7 @@ def pool_cases(ae, workers, sizes, ops, modes, dtype, refs, repeat, tile, overla
                         row["ms"] = 1000 * statistics.median(walls[1:])
                         row["engine_ms"] = 1000 * statistics.median(engine[1:])
                         row["peak_gib"] = max(r.get("peak_bytes", 0) for r in pool.last_replies) / 2**30
+                        row.update(pool.last_timing)
                         if (op, size) in refs:
                             row.update(errors(out, refs[(op, size)]))
                         del out

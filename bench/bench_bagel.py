@@ -1,0 +1,150 @@
+"""Time BAGEL text-to-image at full size with random weights built in memory (no 29 GB checkpoint needed).
+
+    python bench/bench_bagel.py                          # 7b-mot, bf16, 1024x1024, 50 steps, app defaults, cuda:0
+    python bench/bench_bagel.py --devices cuda:0,cuda:1  # CFG-parallel: each guidance pass on its own GPU
+    python bench/bench_bagel.py --config tiny --devices cpu --size 64 --steps 4 --dtype fp32   # CPU check
+
+Reports wall time of one generation (after a short warm-up run), model passes, and peak memory per GPU.
+The prompt is a fixed block of `--prompt-tokens` token ids (content does not change the cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bagel_vae_pp.bagel.config import CONFIGS  # noqa: E402
+from bagel_vae_pp.bagel.loader import DTYPES  # noqa: E402
+from bagel_vae_pp.bagel.model import Bagel, Context  # noqa: E402
+from bagel_vae_pp.bagel.pipeline import sequential_passes, text_to_image  # noqa: E402
+from bagel_vae_pp.bagel.sampler import GuidanceOptions  # noqa: E402
+from bagel_vae_pp.bagel.tokenizer import SpecialTokens  # noqa: E402
+
+
+class SyntheticTokenizer:
+    """Stands in for the Qwen2.5 tokenizer: every text is the same `n` ordinary token ids."""
+
+    def __init__(self, n: int):
+        self.special = SpecialTokens(151644, 151645, 151652, 151653)
+        self.ids = [1000 + i for i in range(n)]
+
+    def text_block(self, text: str) -> list[int]:
+        return [self.special.bos, *self.ids, self.special.eos]
+
+
+class ParallelPasses:
+    """CFG-parallel velocity passes: pass k runs on replica k mod n, in its own thread, concurrently."""
+
+    def __init__(self, models: list[Bagel]):
+        self.models = models
+        self.moved: dict[tuple[int, int], Context] = {}  # (id(ctx), replica) -> the context on that device
+        self.executor = ThreadPoolExecutor(len(models))
+        self.count = 0
+
+    def context_on(self, ctx: Context, i: int) -> Context:
+        if i == 0 or ctx.kv is None:
+            return ctx
+        key = (id(ctx), i)
+        if key not in self.moved:
+            dev = self.models[i].device
+            self.moved[key] = Context(tuple((k.to(dev), v.to(dev)) for k, v in ctx.kv), ctx.length, ctx.rope)
+        return self.moved[key]
+
+    def run(self, i: int, ctx: Context, block: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            model = self.models[i]
+            return model.velocity(self.context_on(ctx, i), block.to(model.device))
+
+    def __call__(self, contexts: list[Context], block: torch.Tensor) -> list[torch.Tensor]:
+        self.count += len(contexts)
+        n = len(self.models)
+        futures = [self.executor.submit(self.run, k % n, ctx, block) for k, ctx in enumerate(contexts)]
+        return [f.result().to(self.models[0].device) for f in futures]
+
+
+def build_models(config: str, devices: list[str], dtype: torch.dtype, seed: int) -> list[Bagel]:
+    from bagel_vae_pp.bagel.tiny import random_bagel
+
+    return [random_bagel(CONFIGS[config], seed, device=d, dtype=dtype) for d in devices]
+
+
+def synchronize(devices: list[str]) -> None:
+    for d in devices:
+        if d.startswith("cuda"):
+            torch.cuda.synchronize(d)
+
+
+def generate(models, tokenizer, args, options, steps: int) -> tuple[float, int]:
+    passes = ParallelPasses(models)
+    run_options = dataclasses.replace(options, num_timesteps=steps)
+    synchronize(args.devices)
+    start = time.perf_counter()
+    latent, _ = text_to_image(models[0], tokenizer, "prompt", args.size, args.size, 0, run_options,
+                              passes=passes if len(models) > 1 else counting(models[0], passes))  # fmt: skip
+    synchronize(args.devices)
+    assert latent.shape == (1, 16, args.size // 8, args.size // 8) and torch.isfinite(latent).all()
+    return time.perf_counter() - start, passes.count
+
+
+def counting(model: Bagel, tally: ParallelPasses):
+    sequential = sequential_passes(model)
+
+    def run(contexts, block):
+        tally.count += len(contexts)
+        return sequential(contexts, block)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="7b-mot", help="named model size")
+    parser.add_argument("--devices", default="cuda:0", help="comma list; two or more = CFG-parallel replicas")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--size", type=int, default=1024, help="square image side in pixels (multiple of 16)")
+    parser.add_argument("--steps", type=int, default=50, help="num_timesteps (steps - 1 evaluations)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run (0: none)")
+    parser.add_argument("--cfg-text-scale", type=float, default=4.0)
+    parser.add_argument("--cfg-img-scale", type=float, default=1.5, help="1.5 = official app (no extra pass)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0))
+    parser.add_argument("--renorm", default="global")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    args.devices = [d.strip() for d in args.devices.split(",")]
+    options = GuidanceOptions(args.steps, 3.0, args.cfg_text_scale, args.cfg_img_scale, tuple(args.cfg_interval),
+                              args.renorm, 0.0)  # fmt: skip
+    models = build_models(args.config, args.devices, DTYPES[args.dtype], seed=0)
+    tokenizer = SyntheticTokenizer(args.prompt_tokens)
+    if args.warmup_steps:
+        generate(models, tokenizer, args, options, max(2, args.warmup_steps))
+    for d in args.devices:
+        if d.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(d)
+    seconds, passes = generate(models, tokenizer, args, options, args.steps)
+    result = {
+        "config": args.config, "devices": args.devices, "dtype": args.dtype, "size": args.size, "steps": args.steps,
+        "cfg": [args.cfg_text_scale, args.cfg_img_scale, list(args.cfg_interval), args.renorm],
+        "seconds": round(seconds, 3), "passes": passes, "ms_per_pass": round(1000 * seconds / passes, 2),
+        "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in args.devices
+                     if d.startswith("cuda")},
+        "gpu": [torch.cuda.get_device_name(d) for d in args.devices if d.startswith("cuda")],
+        "torch": torch.__version__,
+    }  # fmt: skip
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
