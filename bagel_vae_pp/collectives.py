@@ -58,16 +58,25 @@ class Shard:
                 raise JobCancelled("cancelled")
 
 
-def exchange_halo(x: Tensor, shard: Shard) -> tuple[Tensor | None, Tensor | None]:
-    """Return (row above this band, row below it) from the neighbouring ranks; None at the image edge."""
+def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
+    """(row above this band, row below it) from the neighbouring ranks; None at the image edge.
+
+    With `async_op`, returns a function that waits for the exchange and then gives the pair.
+    """
     if shard.world == 1:
-        return None, None
+        return (lambda: (None, None)) if async_op else (None, None)
     edges = torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2).contiguous()  # [B, C, 2, W]
     gathered = [torch.empty_like(edges) for _ in range(shard.world)]
-    dist.all_gather(gathered, edges, group=shard.group)
-    top = gathered[shard.rank - 1][:, :, 1:2] if shard.rank > 0 else None
-    bottom = gathered[shard.rank + 1][:, :, 0:1] if shard.rank < shard.world - 1 else None
-    return top, bottom
+    work = dist.all_gather(gathered, edges, group=shard.group, async_op=async_op)
+
+    def rows():
+        if work is not None:
+            work.wait()
+        top = gathered[shard.rank - 1][:, :, 1:2] if shard.rank > 0 else None
+        bottom = gathered[shard.rank + 1][:, :, 0:1] if shard.rank < shard.world - 1 else None
+        return top, bottom
+
+    return rows if async_op else rows()
 
 
 def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:

@@ -26,22 +26,42 @@ from .autoencoder import (
 from .collectives import Shard, exchange_halo, gather_tokens, group_stats
 
 
-def with_halo(x: Tensor, shard: Shard, top: bool = True) -> Tensor:
-    """The band with one neighbour row above (if `top`) and below; zero rows at the image edges."""
-    above, below = exchange_halo(x, shard)
-    edge = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
-    parts = ([above if above is not None else edge] if top else []) + [x, below if below is not None else edge]
-    return torch.cat(parts, dim=2)
-
-
 def conv3x3(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
-    return F.conv2d(with_halo(x, shard), conv.weight, conv.bias, padding=(0, 1))
+    """3x3 stride-1 conv of a band: the whole band with zero padding, then its first and last rows redone
+    from 3-row strips that include the neighbours' rows. No copy of the band; the halo exchange runs while
+    the big convolution does."""
+    if shard.world == 1:
+        return conv(x)
+    if x.shape[2] < 2:
+        above, below = exchange_halo(x, shard)
+        return F.conv2d(
+            torch.cat([edge_row(above, x), x, edge_row(below, x)], dim=2), conv.weight, conv.bias, padding=(0, 1)
+        )
+    pending = exchange_halo(x, shard, async_op=True)
+    y = conv(x)
+    above, below = pending()
+    if above is not None:
+        y[:, :, :1] = F.conv2d(torch.cat([above, x[:, :, :2]], dim=2), conv.weight, conv.bias, padding=(0, 1))
+    if below is not None:
+        y[:, :, -1:] = F.conv2d(torch.cat([x[:, :, -2:], below], dim=2), conv.weight, conv.bias, padding=(0, 1))
+    return y
+
+
+def edge_row(row: Tensor | None, x: Tensor) -> Tensor:
+    return row if row is not None else x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
 
 
 def downsample(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
-    """Stride-2 conv after (0,1,0,1) padding; an even-aligned band needs only the row below it."""
-    x = F.pad(with_halo(x, shard, top=False), (0, 1, 0, 0))
-    return F.conv2d(x, conv.weight, conv.bias, stride=2)
+    """Stride-2 conv after (0,1,0,1) padding. Bands start on even rows, so only the last output row reads
+    past the band: it is redone with the row below from the next rank."""
+    pending = exchange_halo(x, shard, async_op=True) if shard.world > 1 else None
+    y = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
+    if pending is not None:
+        _, below = pending()
+        if below is not None:
+            strip = F.pad(torch.cat([x[:, :, -2:], below], dim=2), (0, 1, 0, 0))
+            y[:, :, -1:] = F.conv2d(strip, conv.weight, conv.bias, stride=2)
+    return y
 
 
 def group_norm(norm: nn.GroupNorm, x: Tensor, shard: Shard, silu: bool = False) -> Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..bagel_vae_pp.inputs import DTYPE_NAMES, MODES
+import torch
+
+from ..bagel_vae_pp.inputs import DTYPE_NAMES, MODES, parse_devices
 from ..bagel_vae_pp.pool import PoolSpec, get_pool
 from . import host
 
@@ -92,9 +94,10 @@ class VAEWorkerPool:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, dtype, timeout_s):
+    def VALIDATE_INPUTS(cls, devices):
+        # Only `devices` is named here: ComfyUI skips its own range/combo checks for inputs listed in this signature.
         try:
-            PoolSpec.parse(devices, dtype, timeout_s, prefer_cpu=host.is_cpu_host())
+            parse_devices(devices, torch.cuda.device_count(), host.is_cpu_host())
         except ValueError as e:
             return str(e)
         return True

@@ -1,0 +1,31 @@
+"""Triton kernels for the GPU hot path: mid-block attention (D = 512) and GroupNorm statistics / apply.
+
+Each public function falls back to the plain torch computation when Triton is missing or the tensors
+sit on the CPU (unless TRITON_INTERPRET=1, which runs the kernels on CPU tensors for the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def is_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels run for tensors on `device` (CUDA, or any device under the interpreter)."""
+    if not HAS_TRITON:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+from .attention import attention  # noqa: E402
+from .group_norm import group_norm_apply, group_stats  # noqa: E402
+
+__all__ = ["attention", "group_norm_apply", "group_stats", "is_available"]
