@@ -1,0 +1,292 @@
+"""End-to-end: the pack inside a real ComfyUI server (`COMFYUI_PATH`), driven over HTTP and the websocket.
+
+One server per module (see conftest.py). The tests run in file order and the last one stops the server:
+the pack loads, lists its nodes, runs the saved round-trip workflow on two CPU workers (and matches core
+VAEEncode/VAEDecode), stops on Cancel, rejects bad inputs readably, and leaves no worker behind once ComfyUI is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(
+        not os.environ.get("COMFYUI_PATH"),
+        reason="COMFYUI_PATH is not set: point it at a Comfy-Org/ComfyUI checkout (and COMFYUI_PYTHON at its "
+        "Python) to run the real-server tests",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER_MODULE = "bagel_vae_pp.worker"
+OUR_NODES = ("BagelVAEPP_WorkerPool", "BagelVAEPP_DistributedDecode", "BagelVAEPP_DistributedEncode")
+ROUNDTRIP = REPO / "workflows" / "api" / "vae_roundtrip_4k.json"
+DEVICES = "cpu:2"
+# Frontend-only widgets that follow an input with these options (see tests/test_workflows.py).
+UI_ONLY_WIDGET_FLAGS = ("control_after_generate", "image_upload")
+
+
+def write_png(path: Path, width: int, height: int) -> None:
+    """A smooth colour ramp with a disc: structure that a wrong band or halo would visibly break."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2).astype(np.float32)
+    rgb = np.stack([x / width, y / height, 0.3 + 0.5 * disc], axis=-1)
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+
+
+def nodes_of(prompt: dict, class_type: str) -> list[dict]:
+    return [node for node in prompt.values() if node["class_type"] == class_type]
+
+
+def roundtrip_prompt(server, image_name: str, prefix: str) -> dict:
+    """The saved round-trip workflow with the test image, test VAE, two CPU workers and a unique prefix."""
+    prompt = json.loads(ROUNDTRIP.read_text())
+    (load,) = nodes_of(prompt, "LoadImage")
+    load["inputs"]["image"] = image_name
+    for vae in nodes_of(prompt, "VAELoader"):
+        vae["inputs"]["vae_name"] = server.vae_name
+    for pool in nodes_of(prompt, "BagelVAEPP_WorkerPool"):
+        pool["inputs"]["devices"] = DEVICES
+    (save,) = nodes_of(prompt, "SaveImage")
+    save["inputs"]["filename_prefix"] = prefix
+    return prompt
+
+
+def core_roundtrip_prompt(server, image_name: str, prefix: str) -> dict:
+    """The same round trip with core VAEEncode / VAEDecode: the reference for exact mode."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": server.vae_name}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_images(server, run) -> list[Path]:
+    paths = []
+    for output in run.history.get("outputs", {}).values():
+        for image in output.get("images", []):
+            assert image["type"] == "output", image
+            paths.append(server.output_dir / image["subfolder"] / image["filename"])
+    return paths
+
+
+def run_ok(server, prompt):
+    run = server.run_prompt(prompt)
+    assert run.http_status == 200 and run.status_str == "success", run.describe()
+    return run
+
+
+def widget_names(spec: dict) -> list[str | None]:
+    """Widget order as the frontend builds it from an /object_info entry (None = frontend-only widget)."""
+    names = []
+    for section in ("required", "optional"):
+        for name in spec.get("input_order", {}).get(section, []):
+            kind, opts = (spec["input"][section][name] + [{}])[:2]
+            widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            if widget and not opts.get("forceInput"):
+                names.append(name)
+                names.extend(None for flag in UI_ONLY_WIDGET_FLAGS if opts.get(flag))
+    return names
+
+
+class TestPackLoads:
+    """ComfyUI imports the pack cleanly and serves its node definitions."""
+
+    def test_no_import_error(self, comfy_server):
+        bad = [
+            line
+            for line in comfy_server.log().splitlines()
+            if ("IMPORT FAILED" in line or "Cannot import" in line) and comfy_server.pack_dir_name in line
+        ]
+        assert not bad, "\n".join(bad) + "\n--- log tail ---\n" + comfy_server.log_tail(120)
+        # The import-time summary lists every custom node root it loaded.
+        assert re.search(rf"seconds: .*{re.escape(comfy_server.pack_dir_name)}\s*$", comfy_server.log(), re.M), (
+            f"{comfy_server.pack_dir_name} not in the custom-node import summary\n{comfy_server.log_tail(120)}"
+        )
+
+    def test_object_info_lists_nodes(self, comfy_server):
+        info = comfy_server.get_json("/object_info")
+        missing = [node for node in OUR_NODES if node not in info]
+        assert not missing, f"/object_info lacks {missing}; pack-related ids: {[k for k in info if 'Bagel' in k]}"
+        assert info["BagelVAEPP_WorkerPool"]["output"][0] == "VAE_POOL"
+        assert info["BagelVAEPP_DistributedDecode"]["output"][0] == "IMAGE"
+        assert info["BagelVAEPP_DistributedEncode"]["output"][0] == "LATENT"
+
+    def test_test_vae_is_listed(self, comfy_server):
+        combo = comfy_server.get_json("/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]
+        assert comfy_server.vae_name in combo, combo
+
+    def test_saved_workflows_match_live_nodes(self, comfy_server):
+        """Every saved UI workflow's widgets_values line up with the widgets the live server declares."""
+        info = comfy_server.get_json("/object_info")
+        for ui_path in sorted((REPO / "workflows").glob("*.json")):
+            ui = json.loads(ui_path.read_text())
+            for node in ui["nodes"]:
+                if node["type"] not in info:
+                    continue  # frontend-only (notes) or from another pack
+                names = widget_names(info[node["type"]])
+                assert len(node.get("widgets_values", [])) == len(names), (
+                    f"{ui_path.name} node {node['id']} ({node['type']}): widgets_values "
+                    f"{node.get('widgets_values')} but the server declares widgets {names}"
+                )
+
+
+class TestRoundTrip:
+    """The saved workflow runs: LoadImage → Distributed Encode → Distributed Decode → SaveImage."""
+
+    @pytest.mark.parametrize(("width", "height"), [(96, 64), (100, 70)], ids=["96x64", "100x70-cropped"])
+    def test_roundtrip_workflow(self, comfy_server, width, height):
+        image_name = f"e2e_{width}x{height}.png"
+        write_png(comfy_server.input_dir / image_name, width, height)
+        run = run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, f"e2e/roundtrip_{width}x{height}"))
+        (path,) = saved_images(comfy_server, run)
+        assert path.is_file(), f"{path} not on disk; history outputs {run.history.get('outputs')}"
+        from PIL import Image
+
+        # Sides are cropped to multiples of 8, like core VAEEncode.
+        assert Image.open(path).size == (width // 8 * 8, height // 8 * 8)
+        assert comfy_server.our_workers(), f"no `{WORKER_MODULE}` process runs under the server after a pool job"
+
+    def test_exact_mode_matches_core_vae(self, comfy_server):
+        """Exact mode on 2 workers gives what core VAEEncode + VAEDecode give (PNG values, ±2/255)."""
+        import numpy as np
+        from PIL import Image
+
+        image_name = "e2e_match_core.png"
+        write_png(comfy_server.input_dir / image_name, 128, 72)
+        ours = run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/match_ours"))
+        core = run_ok(comfy_server, core_roundtrip_prompt(comfy_server, image_name, "e2e/match_core"))
+        (ours_path,), (core_path,) = saved_images(comfy_server, ours), saved_images(comfy_server, core)
+        a = np.asarray(Image.open(ours_path), dtype=np.int16)
+        b = np.asarray(Image.open(core_path), dtype=np.int16)
+        assert a.shape == b.shape
+        diff = np.abs(a - b)
+        assert diff.max() <= 2, f"max |ours - core| = {diff.max()}/255, mean {diff.mean():.3f}"
+
+
+class TestInterrupt:
+    """Cancel (POST /interrupt) stops a distributed job inside the running node, not at the next node."""
+
+    DELAY_S = 3.0  # after the encode node starts: the pool is up and a job is running
+    STOP_WITHIN_S = 30.0
+
+    def test_interrupt_stops_running_job(self, comfy_server):
+        image_name = "e2e_interrupt_1024.png"
+        write_png(comfy_server.input_dir / image_name, 1024, 1024)
+        prompt = roundtrip_prompt(comfy_server, image_name, "e2e/interrupted")
+        ours = {i for i, node in prompt.items() if node["class_type"].startswith("BagelVAEPP_Distributed")}
+        (encode_id,) = [i for i in ours if prompt[i]["class_type"] == "BagelVAEPP_DistributedEncode"]
+        state = {}
+
+        def interrupt():
+            state["node_at_interrupt"] = state["executing"]
+            state["sent_at"] = time.monotonic()
+            comfy_server.post_json("/interrupt", {})
+
+        def on_event(run, message):
+            if message["type"] == "executing":
+                state["executing"] = message["data"].get("node")
+                if state["executing"] == encode_id and "timer" not in state:
+                    state["timer"] = threading.Timer(self.DELAY_S, interrupt)
+                    state["timer"].start()
+
+        run = comfy_server.run_prompt(prompt, on_event=on_event)
+        done = time.monotonic()
+        if "timer" in state:
+            state["timer"].cancel()
+        assert "timer" in state, f"the encode node never started executing: {run.describe()}"
+        if state.get("node_at_interrupt") not in ours:
+            pytest.skip(f"no distributed node was running {self.DELAY_S} s after the encode started")
+        interrupted = [e["data"] for e in run.events if e["type"] == "execution_interrupted"]
+        assert interrupted, run.describe()
+        # ComfyUI itself checks the flag between nodes; only the pack can stop the node that was running.
+        assert interrupted[0]["node_id"] == state["node_at_interrupt"], (
+            f"interrupt sent while node {state['node_at_interrupt']} ran, but it took effect at node "
+            f"{interrupted[0]['node_id']}: the running job ignored it"
+        )
+        assert done - state["sent_at"] < self.STOP_WITHIN_S, f"took {done - state['sent_at']:.1f} s to stop"
+
+
+class TestBadInputs:
+    """A bad input is refused with a message that names it; the server keeps serving."""
+
+    @staticmethod
+    def image(server) -> str:
+        write_png(server.input_dir / "e2e_bad_inputs.png", 96, 64)
+        return "e2e_bad_inputs.png"
+
+    def test_unknown_vae_name(self, comfy_server):
+        prompt = roundtrip_prompt(comfy_server, self.image(comfy_server), "e2e/bad_vae")
+        (vae_id,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "VAELoader"]
+        prompt[vae_id]["inputs"]["vae_name"] = "no_such_vae.safetensors"
+        run = comfy_server.run_prompt(prompt)
+        assert run.http_status == 400, run.describe()
+        errors = run.response["node_errors"][vae_id]["errors"]
+        assert any("no_such_vae.safetensors" in json.dumps(e) for e in errors), errors
+
+    def test_bad_devices(self, comfy_server):
+        prompt = roundtrip_prompt(comfy_server, self.image(comfy_server), "e2e/bad_devices")
+        (pool_id,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "BagelVAEPP_WorkerPool"]
+        prompt[pool_id]["inputs"]["devices"] = "7,7"
+        run = comfy_server.run_prompt(prompt, timeout_s=300)
+        if run.http_status == 400:  # refused by VALIDATE_INPUTS
+            assert pool_id in run.response["node_errors"], run.describe()
+            message = json.dumps(run.response["node_errors"][pool_id]["errors"])
+        else:  # refused when the node runs
+            assert run.status_str == "error", run.describe()
+            (error,) = run.errors()
+            assert error["node_id"] == pool_id or error["node_type"].startswith("BagelVAEPP_"), run.describe()
+            message = error["exception_message"]
+            assert "Traceback" not in message and len(message) < 2000, message
+        assert "devices" in message and "7" in message, f"message does not name the input and value: {message}"
+
+    def test_out_of_range_timeout(self, comfy_server):
+        """ComfyUI's own min/max check still applies to timeout_s (min 5)."""
+        prompt = roundtrip_prompt(comfy_server, self.image(comfy_server), "e2e/bad_timeout")
+        (pool_id,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "BagelVAEPP_WorkerPool"]
+        prompt[pool_id]["inputs"]["timeout_s"] = 1
+        run = comfy_server.run_prompt(prompt, timeout_s=300)
+        assert run.http_status == 400, f"timeout_s=1 (min 5) was accepted: {run.describe()}"
+        assert "timeout_s" in json.dumps(run.response["node_errors"].get(pool_id)), run.describe()
+
+    def test_server_still_serves(self, comfy_server):
+        """After the refused prompts and the interrupted job, the pool runs a job again."""
+        image_name = "e2e_after_errors.png"
+        write_png(comfy_server.input_dir / image_name, 64, 64)
+        run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/after_errors"))
+
+
+class TestShutdown:
+    """Runs last: SIGTERM the server and check that no pool worker outlives it."""
+
+    def test_no_worker_left(self, comfy_server):
+        if not comfy_server.our_workers():  # earlier tests deselected or failed: start a pool first
+            image_name = f"e2e_shutdown_{uuid.uuid4().hex[:6]}.png"
+            write_png(comfy_server.input_dir / image_name, 64, 64)
+            run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/shutdown"))
+        before = comfy_server.our_workers()
+        assert before, f"no `{WORKER_MODULE}` process found under the server before shutdown"
+        rc = comfy_server.stop()
+        deadline = time.monotonic() + 10
+        left = comfy_server.our_workers()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = comfy_server.our_workers()
+        assert not left, (
+            f"workers {sorted(left)} (of {sorted(before)}) still alive 10 s after ComfyUI exited (rc {rc})\n"
+            f"--- server log tail ---\n{comfy_server.log_tail()}"
+        )

@@ -1,0 +1,167 @@
+"""The VAE nodes inside a stubbed host: registration, complete declarations, results, interrupt, unload."""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = str(REPO / "custom_nodes" / "bagel-vae-pp").replace(".", "_x_")  # ComfyUI's path-derived name
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Host:
+    """Stand-ins for the three host modules the pack touches, recording what the pack does with them."""
+
+    def __init__(self):
+        self.interrupt_after = None  # raise on the n-th interrupt check
+        self.checks = 0
+        self.progress = []
+        self.unloads = 0
+        folder_paths = types.ModuleType("folder_paths")
+        folder_paths.models_dir = "/nonexistent/models"
+        folder_paths.added = []
+        folder_paths.add_model_folder_path = lambda name, path, is_default=False: folder_paths.added.append(name)
+        folder_paths.get_folder_paths = lambda name: []
+        mm = types.ModuleType("comfy.model_management")
+        mm.throw_exception_if_processing_interrupted = self.throw
+        mm.get_torch_device = lambda: torch.device("cpu")
+        mm.unload_all_models = self.unload
+        utils = types.ModuleType("comfy.utils")
+        host = self
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.total = total
+
+            def update_absolute(self, value, total=None):
+                host.progress.append((value, total))
+
+        utils.ProgressBar = ProgressBar
+        comfy = types.ModuleType("comfy")
+        comfy.model_management, comfy.utils = mm, utils
+        self.modules = {
+            "folder_paths": folder_paths,
+            "comfy": comfy,
+            "comfy.model_management": mm,
+            "comfy.utils": utils,
+        }
+
+    def throw(self):
+        self.checks += 1
+        if self.interrupt_after is not None and self.checks >= self.interrupt_after:
+            raise Interrupted()
+
+    def unload(self):
+        self.unloads += 1
+
+
+@pytest.fixture(scope="module")
+def pack():
+    host = Host()
+    added = [m for m in host.modules if m not in sys.modules]
+    sys.modules.update(host.modules)
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    try:
+        spec.loader.exec_module(module)
+        module.host = host
+        # The pack's own engine modules (path-named, as in ComfyUI), not the `bagel_vae_pp` the tests import.
+        module.pool = sys.modules[PACK_NAME + ".bagel_vae_pp.pool"]
+        yield module
+    finally:
+        module.pool.shutdown_all()
+        for key in [k for k in sys.modules if k in added or k == PACK_NAME or k.startswith(PACK_NAME + ".")]:
+            del sys.modules[key]
+
+
+class FakeVAE:
+    """What the nodes use of a ComfyUI VAE object: its torch module with LDM key names."""
+
+    def __init__(self, module):
+        self.first_stage_model = module
+
+
+@pytest.fixture
+def cpu2(pack):
+    (spec,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_WorkerPool"]().execute("cpu:2", "fp32", 60)
+    return spec
+
+
+class TestRegistration:
+    def test_three_vae_nodes_are_registered_with_display_names(self, pack):
+        names = pack.NODE_DISPLAY_NAME_MAPPINGS
+        assert names["BagelVAEPP_WorkerPool"] == "VAE Worker Pool"
+        assert names["BagelVAEPP_DistributedDecode"] == "Distributed VAE Decode"
+        assert names["BagelVAEPP_DistributedEncode"] == "Distributed VAE Encode"
+
+    def test_bagel_model_folder_is_registered(self, pack):
+        assert "bagel" in sys.modules["folder_paths"].added
+
+    def test_every_declaration_is_complete(self, pack):
+        for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+            assert cls.DESCRIPTION and cls.CATEGORY.startswith("bagel-vae-pp/") and cls.FUNCTION == "execute"
+            assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
+            inputs = cls.INPUT_TYPES()
+            for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+                if spec[0] in ("INT", "FLOAT"):
+                    assert {"default", "min", "max", "step"} <= set(options), f"{node_id}.{name}"
+
+
+class TestVAENodes:
+    def test_decode_then_encode_match_the_single_process_vae(self, pack, cpu2, tiny_vae):
+        latent = torch.randn(2, 16, 5, 7) + torch.linspace(-2, 2, 5)[:, None]
+        (image,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
+            {"samples": latent}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
+        )
+        with torch.inference_mode():
+            ref = ((tiny_vae.decode(latent) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        torch.testing.assert_close(image, ref, rtol=0, atol=1e-4)
+        (out,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedEncode"]().execute(
+            image, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
+        )
+        with torch.inference_mode():
+            ref_latent = tiny_vae.encode(image.permute(0, 3, 1, 2) * 2 - 1)
+        assert set(out) == {"samples"}
+        torch.testing.assert_close(out["samples"], ref_latent, rtol=0, atol=1e-4 * ref_latent.abs().max().item())
+        assert pack.host.progress and pack.host.progress[-1][0] == pack.host.progress[-1][1]
+
+    def test_bad_devices_fail_validation_with_a_readable_message(self, pack):
+        cls = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_WorkerPool"]
+        assert cls.VALIDATE_INPUTS(devices="7,7") == "devices: '7,7' names a GPU twice; list each GPU once."
+        assert "does not exist" in cls.VALIDATE_INPUTS(devices="3")
+        assert cls.VALIDATE_INPUTS(devices="cpu:2") is True
+
+    def test_interrupt_raises_the_hosts_exception_on_the_nodes_thread(self, pack, cpu2, tiny_vae):
+        pack.host.checks, pack.host.interrupt_after = 0, 3
+        try:
+            with pytest.raises(Interrupted):
+                pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
+                    {"samples": torch.randn(1, 16, 64, 64)}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
+                )
+        finally:
+            pack.host.interrupt_after = None
+        (image,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
+            {"samples": torch.randn(1, 16, 2, 2)}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
+        )
+        assert image.shape == (1, 16, 16, 3)
+
+    def test_unload_all_models_stops_the_pools(self, pack, cpu2, tiny_vae):
+        pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
+            {"samples": torch.randn(1, 16, 2, 2)}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
+        )
+        assert any("running" in s for s in pack.pool.pool_status())
+        sys.modules["comfy.model_management"].unload_all_models()
+        assert pack.host.unloads == 1  # ComfyUI's own unload still runs
+        assert not any("running" in s for s in pack.pool.pool_status())
