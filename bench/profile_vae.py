@@ -52,10 +52,14 @@ def main():
         "band encode (1 rank)": lambda: encode_band(ae, x, shard),
     }
     with torch.inference_mode():
-        for name, fn in cases.items():
-            torch.cuda.reset_peak_memory_stats()
-            ms = median_ms(fn)
-            print(f"{name}: {ms:.1f} ms, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+        for benchmark in (False, True):
+            torch.backends.cudnn.benchmark = benchmark
+            for name, fn in cases.items():
+                torch.cuda.reset_peak_memory_stats()
+                ms = median_ms(fn)
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(f"{name} (cudnn.benchmark={benchmark}): {ms:.1f} ms, peak {peak:.2f} GiB", flush=True)
+        torch.backends.cudnn.benchmark = False
         for name in ("module decode", "band decode (1 rank)"):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 cases[name]()
