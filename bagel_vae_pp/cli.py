@@ -32,13 +32,28 @@ def test_image(size: int, batch: int = 1) -> torch.Tensor:
 
 
 def load_vae(path: str | None):
+    """The VAE in a .safetensors file; every refusal names the file. Pickle checkpoints are never opened."""
     if path is None:
         return random_autoencoder("flux")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.endswith(".safetensors"):
-        raise SystemExit(f"--vae: '{path}' is not a .safetensors file; pickle checkpoints are never loaded.")
-    return autoencoder_from_state_dict(load_file(path))
+        raise ValueError(
+            f"--vae: '{path}' is not a .safetensors file; pickle checkpoints (.ckpt, .pt, .bin) are never loaded "
+            "because unpickling runs code. Convert it to safetensors first."
+        )
+    try:
+        sd = load_file(path)  # parses a JSON header and maps raw tensors: nothing in the file is executed
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"--vae: '{path}' is not a readable safetensors file ({e}); it may be truncated (download it again) "
+            "or be another format under a .safetensors name."
+        ) from e
+    try:
+        return autoencoder_from_state_dict(sd)
+    except ValueError as e:
+        raise ValueError(f"--vae: '{path}': {e}") from e
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -145,7 +160,7 @@ def main(argv=None) -> int:
         parser.error(f"--size must be a multiple of 8, got {args.size}")
     try:
         rows = bench(args)
-    except WorkerError as e:
+    except (WorkerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

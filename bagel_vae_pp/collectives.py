@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import kernels
+
 
 class JobCancelled(RuntimeError):
     """Every rank raises this at the same layer once any rank saw the pool's cancel flag."""
@@ -33,6 +35,7 @@ class Shard:
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
     on_layer: Callable[[], None] = field(default=lambda: None)
     flags: deque = field(default_factory=deque)  # (event or None, host tensor) per GroupNorm, oldest first
+    shares: Tensor | None = None  # cache of row_shares
 
     def __post_init__(self):
         assert len(self.latent_bands) == self.world, (self.latent_bands, self.world)
@@ -41,6 +44,13 @@ class Shard:
     @property
     def heights(self) -> list[int]:
         return [stop - start for start, stop in self.latent_bands]
+
+    def row_shares(self, device: torch.device) -> Tensor:
+        """Each rank's fraction of the rows, [world] fp32 on `device` (copied there once per job)."""
+        if self.shares is None or self.shares.device != device:
+            heights = torch.tensor(self.heights, dtype=torch.float32)
+            self.shares = (heights / heights.sum()).to(device)
+        return self.shares
 
     def push_cancel_flag(self, flag: Tensor) -> None:
         """Queue the gathered flag (device scalar); raise JobCancelled for one queued CANCEL_LAG layers ago."""
@@ -82,30 +92,29 @@ def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
 def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and biased variance over all ranks' rows, in fp32. [B, G] each.
 
-    Each rank reduces its band to (mean, M2) in fp32; one all_gather of a small fp64 vector lets every rank
-    merge them with Chan's formula, which stays exact when bands have very different means (a plain
-    sum-of-squares would cancel catastrophically). Counts follow from the band plan, so nothing here waits
-    for the GPU. The cancel flag rides along.
+    Each rank reduces its band to (mean, variance) in fp32; one all_gather of that small vector lets every rank
+    merge them with Chan's formula, var = sum_r w_r (var_r + (mean_r - mean)^2), which stays exact when bands
+    have very different means (a plain sum-of-squares would cancel catastrophically). The weights w_r are
+    the ranks' shares of the rows, the same at every resolution, so nothing here waits for the GPU. The
+    cancel flag rides along.
     """
-    B, C, H, W = x.shape
-    var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=-1, correction=0)  # [B, G]
+    B = x.shape[0]
+    mean, var = kernels.group_stats(x, groups)  # [B, G] fp32
     if shard.world == 1:
         if shard.is_cancelled():
             raise JobCancelled("cancelled")
         return mean, var
-    rows_per_latent_row = H / shard.heights[shard.rank]  # same on every rank: all bands scale alike
-    counts = [h * rows_per_latent_row * W * (C // groups) for h in shard.heights]
-    flag = torch.full((1,), float(shard.is_cancelled()), dtype=torch.float64, device=x.device)
-    local = torch.cat([flag, mean.double().flatten(), var.double().flatten() * counts[shard.rank]])
+    flag = torch.full((1,), float(shard.is_cancelled()), dtype=torch.float32, device=x.device)
+    local = torch.cat([flag, mean.flatten(), var.flatten()])
     gathered = [torch.empty_like(local) for _ in range(shard.world)]
     dist.all_gather(gathered, local, group=shard.group)
     stats = torch.stack(gathered)  # [world, 1 + 2*B*G]
     shard.push_cancel_flag(stats[:, 0].max())
-    means, m2s = stats[:, 1 : 1 + B * groups], stats[:, 1 + B * groups :]
-    total = sum(counts)
-    mean_all = sum(means[i] * (n / total) for i, n in enumerate(counts))
-    m2_all = sum(m2s[i] + n * (means[i] - mean_all) ** 2 for i, n in enumerate(counts))
-    return mean_all.view(B, groups).float(), (m2_all / total).view(B, groups).float()
+    w = shard.row_shares(x.device)[:, None]  # [world, 1]
+    means, variances = stats[:, 1 : 1 + B * groups], stats[:, 1 + B * groups :]
+    mean_all = (w * means).sum(0)
+    var_all = (w * (variances + (means - mean_all) ** 2)).sum(0)
+    return mean_all.view(B, groups), var_all.view(B, groups)
 
 
 def gather_tokens(t: Tensor, shard: Shard) -> Tensor:

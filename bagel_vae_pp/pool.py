@@ -4,10 +4,16 @@ The host (ComfyUI's process, or the CLI) is never a rank. It starts `python -m b
 processes, hands each a socket, and waits for replies in short slices so that a dead worker, a stuck
 collective, or the user's interrupt turns into an error within seconds instead of a hang. Any failure
 tears the whole pool down; the next job starts it again.
+
+Who can join: nothing listens for the pool. The process group meets through a FileStore in a fresh 0700
+folder on /dev/shm with an unguessable name (mkdtemp), so the pool's "secret" is that folder: only this user
+(and root) can open the store file and learn the ranks' gloo/NCCL addresses, and those sockets are bound to
+loopback. Jobs and replies travel over socket pairs inherited at spawn, which no other process can open.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import subprocess
@@ -66,6 +72,7 @@ class WorkerPool:
         self.vae_params: AutoEncoderParams | None = None
         self.last_replies: list[dict] = []  # the workers' replies to the last job (timings, peak memory)
         self.last_timing: dict = {}
+        self.owing: dict = {}  # rank -> conn of a cancelled job whose reply has not been read yet
 
     @property
     def is_running(self) -> bool:
@@ -154,7 +161,7 @@ class WorkerPool:
             proc.wait()
         for conn in self.conns:
             conn.close()
-        self.procs, self.conns = [], []
+        self.procs, self.conns, self.owing = [], [], {}
         self.control = None
         self.vae_ref, self.vae_params = None, None
         if self.dir:
@@ -204,18 +211,33 @@ class WorkerPool:
                 )
         return [replies[r] for r in sorted(replies)]
 
+    def send_all(self, msg: dict, what: str) -> None:
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(msg)
+            except OSError:  # the socket's other end is closed: that worker is gone
+                raise self.died(rank, what) from None
+
     def died(self, rank: int, what: str) -> WorkerError:
-        code = self.procs[rank].wait(timeout=5)
+        try:
+            code = self.procs[rank].wait(timeout=2)
+        except subprocess.TimeoutExpired:  # closed its socket but still running
+            code = "none, still running"
         return self.fail(f"{what}: worker {rank} on {self.spec.devices[rank]} died (exit code {code}).")
 
     def failed(self, what: str, rank: int, reply: dict, pending: dict):
         if reply.get("cancelled"):
             raise self.fail(f"{what}: cancelled unexpectedly.")
-        # The other ranks may now wait forever in a collective that this rank left: give them a moment.
+        # The other ranks may now wait forever in a collective that this rank left, or this rank failed
+        # because a peer died (gloo: "connection closed by peer"): give them a moment, and name a dead peer.
         end = time.monotonic() + CANCEL_GRACE_S
         while pending and time.monotonic() < end:
             for conn in wait(list(pending.values()), timeout=SLICE_S):
                 rank_ = next(r for r, c in pending.items() if c is conn)
+                try:
+                    conn.recv()
+                except (EOFError, OSError):
+                    raise self.died(rank_, what) from None
                 del pending[rank_]
         message = f"{what} failed on worker {rank} ({self.spec.devices[rank]}): {reply['error']}"
         if pending:
@@ -223,19 +245,28 @@ class WorkerPool:
         raise RuntimeError(message)
 
     def cancel(self, pending: dict) -> None:
-        """Ask running ranks to stop at their next layer; kill the pool if they do not within seconds."""
+        """Ask running ranks to stop at their next layer, without waiting: the caller's exception must not
+        wait for a slow layer. `settle` reads their replies before the next message goes out."""
         self.control[CANCEL] = self.job_id
+        self.owing = dict(pending)
+
+    def settle(self) -> list[dict]:
+        """Read the replies a cancelled job still owes; restart the pool if its ranks do not stop in time."""
+        pending, self.owing = self.owing, {}
+        replies = []
         end = time.monotonic() + CANCEL_GRACE_S
         while pending and time.monotonic() < end:
             for conn in wait(list(pending.values()), timeout=SLICE_S):
                 rank = next(r for r, c in pending.items() if c is conn)
                 try:
-                    conn.recv()
-                except (EOFError, OSError):
-                    break
+                    replies.append(conn.recv())
+                except (EOFError, OSError):  # died while stopping: restart below
+                    end = 0
+                    continue
                 del pending[rank]
         if pending:
             self.kill()
+        return replies
 
     # ---- jobs ----
 
@@ -250,8 +281,7 @@ class WorkerPool:
         path = os.path.join(self.dir, "weights.safetensors")
         save_file(sd, path)
         try:
-            for conn in self.conns:
-                conn.send({"op": "load", "weights": path})
+            self.send_all({"op": "load", "weights": path}, "loading the VAE")
             self.wait_all("loading the VAE", time.monotonic() + START_TIMEOUT_S)
         finally:
             shm.unlink(path)
@@ -261,6 +291,7 @@ class WorkerPool:
     def run(self, op, vae, data, mode, tile_px, overlap_px, interrupt, progress):
         with self.lock:
             entered = time.time()
+            self.settle()
             self.start()
             params = self.ensure_vae(vae)
             check_tiles(mode, tile_px, overlap_px, params.downscale)
@@ -270,6 +301,7 @@ class WorkerPool:
                 out_shape = (B, data.shape[2] * s, data.shape[3] * s, params.out_ch)
             else:
                 out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
+            shm.check_room(self.dir, [data.shape, out_shape], "samples" if op == "decode" else "pixels")
             self.job_id += 1
             paths = [os.path.join(self.dir, f"job{self.job_id}.{name}") for name in ("in", "out")]
             try:
@@ -288,8 +320,7 @@ class WorkerPool:
                     "output_shape": list(out_shape),
                 }
                 sent = time.time()
-                for conn in self.conns:
-                    conn.send(job)
+                self.send_all(job, op)
                 self.last_replies = self.wait_all(
                     op, time.monotonic() + self.deadline_s(out_shape, op), interrupt, progress
                 )
@@ -361,6 +392,29 @@ def shutdown_all() -> None:
         pool.shutdown()
 
 
+atexit.register(shutdown_all)
+
+
 def pool_status() -> list[str]:
     with _POOLS_LOCK:
         return [pool.describe() for pool in _POOLS.values()]
+
+
+def pool_states() -> list[dict]:
+    """Each pool's spec, whether its workers run, their pids and the last job's timing; JSON-ready.
+
+    Reads without taking a pool's job lock, so a caller on ComfyUI's event loop never waits for a running job.
+    """
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    return [
+        {
+            "devices": list(pool.spec.devices),
+            "dtype": pool.spec.dtype,
+            "timeout_s": pool.spec.timeout_s,
+            "running": pool.is_running,
+            "worker_pids": [proc.pid for proc in list(pool.procs)],
+            "last_timing": dict(pool.last_timing),
+        }
+        for pool in pools
+    ]

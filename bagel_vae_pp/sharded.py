@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .autoencoder import (
     AttnBlock,
     AutoEncoder,
@@ -65,17 +66,10 @@ def downsample(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
 
 
 def group_norm(norm: nn.GroupNorm, x: Tensor, shard: Shard, silu: bool = False) -> Tensor:
-    B, C, H, W = x.shape
     mean, var = group_stats(x, norm.num_groups, shard)  # [B, G] fp32
-    rstd = torch.rsqrt(var + norm.eps)
-    per_channel = C // norm.num_groups
-    mean = mean.repeat_interleave(per_channel, dim=1)[:, :, None, None]  # [B, C, 1, 1]
-    scale = rstd.repeat_interleave(per_channel, dim=1)[:, :, None, None] * norm.weight.float()[:, None, None]
-    y = (x.float() - mean) * scale + norm.bias.float()[:, None, None]
-    if silu:
-        y = F.silu(y)
+    y = kernels.group_norm_apply(x, mean, torch.rsqrt(var + norm.eps), norm.weight, norm.bias, norm.num_groups, silu)
     shard.on_layer()
-    return y.to(x.dtype)
+    return y
 
 
 def resnet(block: ResnetBlock, x: Tensor, shard: Shard) -> Tensor:
@@ -93,7 +87,7 @@ def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
     q = linear_1x1(attn.q, h)  # [B, H*W, C]
     k = gather_tokens(linear_1x1(attn.k, h), shard)  # [B, L, C]
     v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L, C]
-    h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, H*W, C]
+    h = kernels.attention(q, k, v)  # [B, H*W, C]
     return x + from_tokens(linear_1x1(attn.proj_out, h), H, W)
 
 

@@ -25,19 +25,28 @@ def remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def free_bytes(folder: str) -> int:
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
+
+
+def check_room(folder: str, shapes: list[tuple[int, ...]], name: str, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse up front a job whose tensors `folder` cannot hold: a full /dev/shm kills writers with SIGBUS."""
+    nbytes = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
+    free = free_bytes(folder)
+    if nbytes > free:
+        raise ValueError(
+            f"{name}: shape {tuple(shapes[0])} needs {nbytes / 2**20:,.0f} MiB of shared memory (input and "
+            f"output) but only {free / 2**20:,.0f} MiB is free in {os.path.dirname(folder)}; "
+            "use a smaller batch or image, or enlarge /dev/shm."
+        )
+
+
 def create(path: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A zero-filled shared tensor backed by a new file at `path`; refuses what the folder cannot hold."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    stat = os.statvfs(os.path.dirname(path))
-    free = stat.f_bavail * stat.f_frsize
-    if nbytes > free:
-        raise MemoryError(
-            f"shared memory: a {tuple(shape)} tensor needs {nbytes / 2**30:.2f} GiB but only "
-            f"{free / 2**30:.2f} GiB is free in {os.path.dirname(path)}; use a smaller batch or image, "
-            "or enlarge /dev/shm."
-        )
+    check_room(os.path.dirname(path), [shape], os.path.basename(path), dtype)
     with open(path, "wb") as f:
-        f.truncate(max(nbytes, 1))
+        f.truncate(max(math.prod(shape) * dtype.itemsize, 1))
     return attach(path, shape, dtype)
 
 

@@ -116,15 +116,16 @@ class Worker:
             reply["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return reply
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Answer the host until it says shutdown (False) or its end of the socket closes (True)."""
         handlers = {"load": self.load, "decode": self.job, "encode": self.job}
         while True:
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
-                return
+                return True
             if msg["op"] == "shutdown":
-                return
+                return False
             try:
                 reply = {"ok": True, **handlers[msg["op"]](msg)}
             except JobCancelled:
@@ -147,10 +148,12 @@ def main() -> None:
         return
     conn.send({"ok": True, "pid": os.getpid()})
     try:
-        worker.serve()
+        host_gone = worker.serve()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if host_gone:  # a host that was killed cannot clean up; one that shut down already did
+        shm.remove_dir(cfg["pool_dir"])
 
 
 if __name__ == "__main__":

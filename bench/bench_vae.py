@@ -41,7 +41,7 @@ def inputs_for(ae, size: int, device) -> dict:
     return {"decode": latent.contiguous(), "encode": test_image(size)}
 
 
-def references(ae, sizes, ops, dtype, ref_max, device, repeat):
+def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat):
     """Single-GPU fp32 references and the single-GPU run in the bench dtype, where they fit."""
     refs, rows = {}, []
     for size in sizes:
@@ -157,7 +157,9 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--ref-max", type=int, default=4096, help="largest size for single-GPU fp32 references")
-    p.add_argument("--single-max", type=int, default=4096, help="largest size for the 1-worker pool")
+    p.add_argument(
+        "--single-max", type=int, default=4096, help="largest size for single-GPU runs (in-process and 1-worker pool)"
+    )
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
     p.add_argument("--out", default=None, help="append JSON lines here")
@@ -167,7 +169,7 @@ def main():
     ops, modes = args.ops.split(","), args.modes.split(",")
     ae = random_autoencoder("flux", seed=0)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}", flush=True)
-    refs, rows = references(ae, sizes, ops, args.dtype, args.ref_max, device, args.repeat)
+    refs, rows = references(ae, sizes, ops, args.dtype, args.ref_max, args.single_max, device, args.repeat)
     for workers in [int(w) for w in args.workers.split(",")]:
         rows += pool_cases(
             ae,

@@ -48,23 +48,23 @@ class AttnConfig:
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{chunk}"
 
 
-# Candidates for the GPU bench (D = 512 first). Shared memory per program at D = 512, bf16:
-# Q 64 KiB when resident, K and V tiles block_n KiB each per stage.
+# Candidates for the GPU bench. At D = 512 the accumulator allows block_m = 64 only (128 fp32 registers a
+# thread at 8 warps). Shared memory, bf16: Q 64 KiB plus K and V tiles of block_n KiB each per stage, within
+# the 227 KiB a Hopper block may take; a chunked Q is pipelined too, so it saves none. Offline sm_90 builds
+# (Triton 3.6) of the main loop: m64n32w8s2 no spills, 2x HGMMA 64x16 per k-step for S, 64x256 for PV;
+# m64n16w8s3 no spills; m64n64w8s1 unpipelined, ~20 local loads a step; 16 warps cap registers at 128.
 CONFIGS = {
     c.name: c
     for c in (
-        AttnConfig(64, 32, 8, 2),
-        AttnConfig(64, 32, 8, 3),
-        AttnConfig(64, 64, 8, 1),
-        AttnConfig(64, 64, 8, 2),
+        AttnConfig(64, 32, 8, 2),  # 64 + 2 * 64 KiB
+        AttnConfig(64, 32, 8, 2, qk_chunk=128),
+        AttnConfig(64, 16, 8, 3),  # 64 + 3 * 32 KiB
+        AttnConfig(64, 64, 8, 1),  # 64 + 128 KiB
+        AttnConfig(64, 32, 8, 1),
         AttnConfig(64, 32, 16, 2),
-        AttnConfig(64, 64, 16, 1),
-        AttnConfig(64, 64, 8, 2, qk_chunk=128),
-        AttnConfig(64, 128, 8, 2, qk_chunk=128),
-        AttnConfig(64, 64, 8, 3, qk_chunk=64),
+        AttnConfig(64, 64, 8, 2),  # head dims up to 256
         AttnConfig(128, 64, 8, 3),
         AttnConfig(128, 64, 4, 3),
-        AttnConfig(128, 32, 8, 2),
     )
 }
 DEFAULT_CONFIG = {64: "m128n64w4s3", 128: "m128n64w8s3", 256: "m64n64w8s2", 512: "m64n32w8s2"}
@@ -74,11 +74,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, config: str | None = None, out: T
     """softmax(q k^T / sqrt(D)) v for one head, softmax in fp32, output in the input dtype.
 
     Args:
-        q: [B, 1, Lq, D] queries; bf16/fp16 take the kernel, fp32 goes to SDPA.
-        k, v: [B, 1, L, D] keys and values, same dtype and device as q. Any strides.
+        q: [B, 1, Lq, D] (or [B, Lq, D]) queries; bf16/fp16 with D in {64, 128, 256, 512} take the kernel,
+            the rest SDPA.
+        k, v: [B, 1, L, D] (or [B, L, D]) keys and values, same dtype and device as q. Any strides.
         config: a key of `CONFIGS`; default `DEFAULT_CONFIG[D]`.
-        out: optional [B, 1, Lq, D] tensor to write into (any strides); returned.
+        out: optional tensor shaped like q to write into (any strides); returned.
     """
+    if q.dim() == k.dim() == v.dim() == 3:  # [B, L, D]: the same memory with a unit head dim
+        o = attention(q[:, None], k[:, None], v[:, None], config, None if out is None else out[:, None])
+        return o[:, 0]
     if not is_supported(q, k, v):
         o = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
         return o if out is None else out.copy_(o)
@@ -110,12 +114,14 @@ def is_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
         is_available(q.device)
         and q.dtype in (torch.bfloat16, torch.float16)
         and q.dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
         and q.dim() == k.dim() == v.dim() == 4
         and q.shape[1] == k.shape[1] == v.shape[1] == 1
         and k.shape == v.shape
         and q.shape[0] == k.shape[0]
         and k.shape[-1] == D
-        and D in (16, 32, 64, 128, 256, 512)
+        and D in DEFAULT_CONFIG
+        and q.shape[2] > 0
         and k.shape[2] > 0
     )
 
@@ -146,7 +152,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(
-        Q, K, V, O,
+        Q, K, V, Out,
         sqb, sqm, sqd, skb, skn, skd, svb, svn, svd, sob, som, sod,
         Lq, L, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_CHUNK: tl.constexpr,
@@ -181,5 +187,5 @@ if triton is not None:
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, tl.load(v_ptrs), qk_scale)
 
         acc = acc / l_i[:, None]
-        o_ptrs = O + b * sob + offs_m[:, None].to(tl.int64) * som + offs_d[None, :] * sod
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
+        o_ptrs = Out + b * sob + offs_m[:, None].to(tl.int64) * som + offs_d[None, :] * sod
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)

@@ -1,0 +1,231 @@
+"""Triton kernels (attention, GroupNorm statistics / apply) against float64 torch references.
+
+The kernel tests run the real kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)
+and are skipped where Triton is not installed; the fallback tests always run. Inputs are fresh random
+draws with non-zero means (randn * 3 + 2 and the like), so a wrong mean or variance shows.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bagel_vae_pp import kernels
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRETING),
+    reason="triton is not installed (CI): only the fallbacks run"
+    if not HAS_TRITON
+    else "needs TRITON_INTERPRET=1 from the start: test_interpreted_kernels_in_subprocess runs these in a child",
+)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def sdpa64(q, k, v):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+
+
+def stats64(x, groups):
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).double(), dim=-1, correction=0)
+    return mean, var
+
+
+def apply64(x, mean, rstd, w, b, groups, silu):
+    B, C = x.shape[:2]
+    y = x.double().reshape(B, groups, -1) - mean.double()[:, :, None]
+    y = (y * rstd.double()[:, :, None]).reshape(x.shape) * w.double()[:, None, None] + b.double()[:, None, None]
+    return F.silu(y) if silu else y
+
+
+def _fp32_dot_for_bf16(create_dot):
+    """Triton's interpreter multiplies bf16 tiles as their raw uint16 bits (3.6 and 3.9): widen them first."""
+
+    def widened(self, a, b, d, *args):
+        from triton.runtime.interpreter import TensorHandle
+
+        def fp32(h):
+            if h.data.dtype != np.uint16:  # bf16 is the only 16-bit type stored as uint16
+                return h
+            return TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), d.dtype.scalar)
+
+        return create_dot(self, fp32(a), fp32(b), d, *args)
+
+    return widened
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """The kernels modules, with the interpreter's bf16 dot widened to fp32 for this module's tests.
+
+    The interpreter also rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even), so bf16 results
+    here carry about twice the GPU's rounding error; the tolerances allow for it.
+    """
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    from bagel_vae_pp.kernels import group_norm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpreterBuilder, "create_dot", _fp32_dot_for_bf16(InterpreterBuilder.create_dot))
+        yield kernels, group_norm
+
+
+def test_interpreted_kernels_in_subprocess():
+    """Triton picks the interpreter when it is imported, so the kernel classes run in a child with the flag set."""
+    if not HAS_TRITON or INTERPRETING:
+        pytest.skip("no triton (CI)" if not HAS_TRITON else "interpreting already: the kernel classes run here")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    select = "AttentionKernel or GroupNormKernels"
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", select]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+
+
+@needs_triton
+class TestAttentionKernel:
+    """The Triton attention under the interpreter."""
+
+    @pytest.mark.parametrize(
+        "D, Lq, L, config",
+        [
+            (64, 70, 45, None),
+            (128, 64, 100, "m64n32w8s2"),
+            (256, 33, 64, "m64n32w8s2c128"),
+            (64, 130, 200, "m64n64w8s1"),
+            (512, 64, 40, None),
+            (512, 20, 72, "m64n32w8s2c128"),
+        ],
+    )
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_matches_fp64_sdpa(self, interp, D, Lq, L, config, dtype):
+        torch.manual_seed(1000 * D + Lq + L)
+        q = (torch.randn(2, 1, Lq, D) * 2 + 0.5).to(dtype)
+        k = (torch.randn(2, 1, L, D) + 0.3).to(dtype)
+        v = (torch.randn(2, 1, L, D) * 3 + 2).to(dtype)
+        out = interp[0].attention(q, k, v, config=config)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert rel_err(out, sdpa64(q, k, v)) < 1e-2
+
+    def test_engine_layout_and_out_buffer(self, interp):
+        """Token-contiguous views of NCHW maps (as `to_tokens` gives); out= is fully written, layout kept."""
+        torch.manual_seed(7)
+        C, H, W = 128, 6, 11
+        maps = [(torch.randn(1, C, H, W) * 2 + 1).half() for _ in range(3)]
+        q, k, v = (m.reshape(1, 1, C, H * W).transpose(-1, -2) for m in maps)  # [1, 1, 66, 128], stride 1 on L
+        out = torch.full_like(q, float("nan"))
+        got = interp[0].attention(q, k, v, out=out)
+        assert got is out and not out.isnan().any()
+        assert rel_err(out, sdpa64(q, k, v)) < 1e-2
+        assert interp[0].attention(q, k, v).stride() == q.stride()
+        three_d = interp[0].attention(q[:, 0].contiguous(), k[:, 0].contiguous(), v[:, 0].contiguous())  # [B, L, D]
+        torch.testing.assert_close(three_d, out[:, 0])
+
+    def test_large_scores_stay_finite(self, interp):
+        """Scores of several hundred (softmax near one-hot) must not overflow the online rescale."""
+        torch.manual_seed(3)
+        q = (torch.randn(1, 1, 64, 64) * 8).half()
+        k = (torch.randn(1, 1, 96, 64) * 8).half()
+        v = torch.randn(1, 1, 96, 64).half()
+        out = interp[0].attention(q, k, v, config="m64n32w8s2")
+        assert out.isfinite().all() and rel_err(out, sdpa64(q, k, v)) < 1e-2
+
+
+@needs_triton
+class TestGroupNormKernels:
+    """The Triton GroupNorm statistics and apply under the interpreter."""
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize("shape, groups, programs", [((2, 64, 7, 9), 32, 4096), ((1, 8, 40, 50), 2, 3)])
+    def test_stats_match_fp64(self, interp, monkeypatch, dtype, shape, groups, programs):
+        """Several blocks per program plus a ragged tail (programs=3), and one program per tiny group."""
+        gn = interp[1]
+        monkeypatch.setattr(gn, "STATS_PROGRAMS", programs)
+        torch.manual_seed(sum(shape) + programs)
+        x = (torch.randn(shape) * 3 + 2).to(dtype)
+        mean, var = gn.group_stats(x, groups, config="b2048w4")
+        ref_mean, ref_var = stats64(x, groups)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == (shape[0], groups)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+
+    def test_stats_large_mean_small_spread(self, interp, monkeypatch):
+        """mean 1000, std 0.01: a sum of squares in fp32 would lose every digit of the variance."""
+        gn = interp[1]
+        monkeypatch.setattr(gn, "STATS_PROGRAMS", 2)
+        torch.manual_seed(11)
+        x = torch.randn(1, 4, 64, 80) * 0.01 + 1000
+        mean, var = gn.group_stats(x, 2, config="b2048w4")
+        ref_mean, ref_var = stats64(x, 2)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize("silu", [False, True])
+    def test_apply_matches_torch_path(self, interp, dtype, silu):
+        torch.manual_seed(5 + int(silu))
+        B, C, H, W, G = 2, 16, 13, 21, 4
+        x = (torch.randn(B, C, H, W) * 3 + 2).to(dtype)
+        mean, var = stats64(x, G)
+        mean, rstd = mean.float(), torch.rsqrt(var.float() + 1e-6)
+        w = (torch.randn(C) + 1).to(dtype)
+        b = torch.randn(C).to(dtype)
+        out = interp[0].group_norm_apply(x, mean, rstd, w, b, G, silu=silu, config="b2048w4")
+        torch_path = interp[1]._apply_torch(x, mean, rstd, w, b, G, silu)
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out, torch_path)  # dtype-default tolerances: at most an ulp apart
+        assert rel_err(out, apply64(x, mean, rstd, w, b, G, silu)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    def test_apply_without_affine(self, interp):
+        torch.manual_seed(9)
+        x = torch.randn(1, 8, 5, 7) * 2 - 1
+        mean, var = stats64(x, 2)
+        rstd = torch.rsqrt(var.float() + 1e-6)
+        out = interp[0].group_norm_apply(x, mean.float(), rstd, None, None, 2)
+        ref = F.group_norm(x.double(), 2, eps=1e-6)
+        assert rel_err(out, ref) < 1e-5
+
+
+class TestFallbacks:
+    """Without Triton or off the interpreter, CPU tensors take the torch code."""
+
+    @pytest.fixture(autouse=True)
+    def plain_cpu(self, monkeypatch):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert not kernels.is_available("cpu")
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_attention_is_sdpa(self, dtype):
+        torch.manual_seed(21)
+        q, k, v = ((torch.randn(1, 1, n, 64) * 2 + 1).to(dtype) for n in (30, 50, 50))
+        out = kernels.attention(q, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+        assert rel_err(out, sdpa64(q, k, v)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_group_norm_matches_fp64(self, dtype):
+        torch.manual_seed(22)
+        B, C, G = 2, 32, 8
+        x = (torch.randn(B, C, 9, 10) * 3 + 2).to(dtype)
+        w, b = torch.randn(C) + 1, torch.randn(C)
+        mean, var = kernels.group_stats(x, G)
+        torch.testing.assert_close(var.double(), stats64(x, G)[1], rtol=1e-5, atol=1e-6)
+        rstd = torch.rsqrt(var + 1e-6)
+        out = kernels.group_norm_apply(x, mean, rstd, w, b, G, silu=True)
+        ref = F.silu(F.group_norm(x.double(), G, w.double(), b.double(), eps=1e-6))
+        assert out.dtype == dtype and rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    def test_groups_must_divide_channels(self):
+        x = torch.randn(1, 12, 4, 4)
+        with pytest.raises(ValueError, match="must divide"):
+            kernels.group_stats(x, 5)
+        with pytest.raises(ValueError, match="divisible by groups"):
+            kernels.group_norm_apply(x, torch.zeros(1, 5), torch.ones(1, 5), None, None, 5)
