@@ -1,4 +1,7 @@
-"""The worker pool against the single-process result, and its lifecycle (real gloo processes on CPU)."""
+"""The worker pool against the single-process result, and its lifecycle (real gloo processes on CPU).
+
+Faults, interrupts, bad inputs, soak, threads and security are in test_faults.py.
+"""
 
 import os
 import time
@@ -6,7 +9,7 @@ import time
 import pytest
 import torch
 
-from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
+from bagel_vae_pp.pool import PoolSpec, WorkerPool
 
 TOL = {"rtol": 0, "atol": 1e-4}  # fp32: images live in [0, 1], so this is also ~1e-4 relative
 
@@ -31,11 +34,10 @@ def sky_and_ground(batch, channels, h, w, seed=0):
 
 def alive(pid):
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 class TestExactness:
@@ -119,70 +121,7 @@ class TestLifecycle:
         assert not os.path.exists(folder)
         assert not pool.is_running
 
-    def test_a_killed_worker_is_an_error_within_seconds_and_the_pool_restarts(self, tiny_vae):
-        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32"))
-        try:
-            pool.start()
-            victim = pool.procs[1].pid
-            os.kill(victim, 9)
-            start = time.monotonic()
-            with pytest.raises(WorkerError, match=r"worker 1 on cpu died \(exit code -9\)"):
-                pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
-            assert time.monotonic() - start < 5
-            out = pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
-            assert out.shape == (1, 32, 32, 3)
-        finally:
-            pool.shutdown()
-
-    def test_interrupt_cancels_the_job_and_the_pool_stays_usable(self, tiny_vae):
-        class Interrupted(Exception):
-            pass
-
-        calls = []
-
-        def interrupt():
-            calls.append(1)
-            if len(calls) > 2:
-                raise Interrupted()
-
-        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32"))
-        try:
-            pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
-            pids = [p.pid for p in pool.procs]
-            start = time.monotonic()
-            with pytest.raises(Interrupted):
-                pool.decode(tiny_vae, sky_and_ground(1, 16, 96, 96), interrupt=interrupt)
-            assert time.monotonic() - start < 3
-            assert [p.pid for p in pool.procs] == pids  # cancelled cooperatively, not killed
-            assert pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4)).shape == (1, 32, 32, 3)
-        finally:
-            pool.shutdown()
-
     def test_progress_reaches_the_total(self, cpu_pool, tiny_vae):
         seen = []
         cpu_pool(2).decode(tiny_vae, sky_and_ground(1, 16, 4, 4), progress=lambda d, t: seen.append((d, t)))
         assert seen and seen[-1][0] == seen[-1][1]
-
-
-class TestBadInput:
-    @pytest.mark.parametrize(
-        "shape,match",
-        [
-            ((1, 4, 8, 8), "the latent has 4 channels but this VAE takes 16"),
-            ((0, 16, 8, 8), "the batch is empty"),
-            ((1, 16, 2, 8, 8), r"expected an image latent \[B, C, H, W\]"),
-        ],
-    )
-    def test_latent_errors_name_the_input(self, cpu_pool, tiny_vae, shape, match):
-        with pytest.raises(ValueError, match="samples: " + match):
-            cpu_pool(2).decode(tiny_vae, torch.randn(shape))
-
-    def test_nan_latent_is_refused(self, cpu_pool, tiny_vae):
-        latent = torch.randn(1, 16, 4, 4)
-        latent[0, 0, 0, 0] = float("nan")
-        with pytest.raises(ValueError, match="samples: contains 1 NaN/Inf"):
-            cpu_pool(2).decode(tiny_vae, latent)
-
-    def test_image_smaller_than_one_latent_pixel_is_refused(self, cpu_pool, tiny_vae):
-        with pytest.raises(ValueError, match="pixels: the image is 5x4"):
-            cpu_pool(2).encode(tiny_vae, torch.rand(1, 4, 5, 3))

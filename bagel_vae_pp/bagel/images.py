@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -62,8 +61,8 @@ def resized_size(width: int, height: int, spec: ResizeSpec) -> tuple[int, int]:
 
 def to_pil(image: Tensor) -> Image.Image:
     """ComfyUI image [H, W, 3] in [0, 1] -> 8-bit RGB PIL image (rounded: lossless for loaded PNGs)."""
-    array = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
+    pixels = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()  # [H, W, 3]
+    return Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), bytes(pixels.untyped_storage()))
 
 
 def resize_pil(image: Image.Image, spec: ResizeSpec) -> Image.Image:
@@ -73,7 +72,8 @@ def resize_pil(image: Image.Image, spec: ResizeSpec) -> Image.Image:
 
 def pil_to_unit(image: Image.Image) -> Tensor:
     """8-bit PIL -> [H, W, 3] float in [0, 1] (ToTensor's uint8 / 255)."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div(255)
+    data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    return data.reshape(image.height, image.width, 3).float().div(255)
 
 
 def unit_to_signed(pixels: Tensor) -> Tensor:

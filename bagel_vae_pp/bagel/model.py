@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,11 +36,11 @@ class Context:
 EMPTY_CONTEXT = Context(kv=None, length=0, rope=0)
 
 
-def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
     """[M] positions -> [M, dim]: sin half then cos half, frequencies 1 / 10000^(i / (dim/2)), float64."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    angles = pos.reshape(-1).astype(np.float64)[:, None] * omega[None]  # [M, dim/2]
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = pos.reshape(-1).double()[:, None] * omega[None]  # [M, dim/2]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
 def sincos_2d_table(side: int, dim: int) -> Tensor:
@@ -50,9 +49,8 @@ def sincos_2d_table(side: int, dim: int) -> Tensor:
     The checkpoint stores these tables (bf16 in the real file) and the model uses the stored values; this
     generator is for random-weight checkpoints.
     """
-    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")  # [side, side] each
-    table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
-    return torch.from_numpy(table).float()
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")  # [side, side] each
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
 
 
 def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> Tensor:

@@ -139,7 +139,12 @@ def generate_text(
 
 
 def guided_velocity(
-    passes: VelocityPasses, contexts: Contexts, block: Tensor, text_scale: float, img_scale: float, options
+    passes: VelocityPasses,
+    contexts: Contexts,
+    block: Tensor,
+    text_scale: float,
+    img_scale: float,
+    options: GuidanceOptions,
 ) -> Tensor:
     """Run the passes CFG needs at these scales (1 to 3) and combine them; [N, 64] fp32."""
     use_text = text_scale > 1.0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -268,6 +270,101 @@ class TestBadInputs:
         image_name = "e2e_after_errors.png"
         write_png(comfy_server.input_dir / image_name, 64, 64)
         run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/after_errors"))
+
+
+class TestProgressAndStatus:
+    """The distributed nodes report progress over the websocket; GET /bagel_vae_pp/status shows the pool."""
+
+    def test_decode_sends_progress(self, comfy_server):
+        write_png(comfy_server.input_dir / "e2e_progress.png", 96, 64)
+        prompt = roundtrip_prompt(comfy_server, "e2e_progress.png", "e2e/progress")
+        (decode_id,) = [i for i, node in prompt.items() if node["class_type"] == "BagelVAEPP_DistributedDecode"]
+        run = run_ok(comfy_server, prompt)
+        progress = [e["data"] for e in run.events if e["type"] == "progress" and e["data"]["node"] == decode_id]
+        assert progress, f"no progress message for the decode node {decode_id}; events {run.event_types()}"
+        assert progress[-1]["value"] == progress[-1]["max"], progress
+
+    def test_status_route_lists_running_workers(self, comfy_server):
+        if not comfy_server.our_workers():
+            write_png(comfy_server.input_dir / "e2e_status.png", 64, 64)
+            run_ok(comfy_server, roundtrip_prompt(comfy_server, "e2e_status.png", "e2e/status"))
+        for path in ("/bagel_vae_pp/status", "/api/bagel_vae_pp/status"):
+            status = comfy_server.get_json(path)
+            assert status["host_pid"] == comfy_server.proc.pid, status
+            running = [pool for pool in status["pools"] if pool["running"]]
+            assert any(pool["devices"] == ["cpu", "cpu"] and pool["dtype"] == "fp32" for pool in running), status
+            pids = {pid for pool in running for pid in pool["worker_pids"]}
+            assert pids == comfy_server.our_workers(), f"{path}: {status}"
+
+
+class TestClient:
+    """`python -m bagel_vae_pp.client` drives the real server: upload, overrides, progress, outputs, refusals."""
+
+    @staticmethod
+    def client(comfy_server, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "bagel_vae_pp.client", str(ROUNDTRIP), "--server", comfy_server.url]
+        command += ["--set", f"VAELoader.vae_name={comfy_server.vae_name}", "--set", f"3.devices={DEVICES}", *args]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    def test_runs_the_saved_workflow(self, comfy_server, tmp_path):
+        image = tmp_path / "client_in.png"
+        write_png(image, 96, 64)
+        out = tmp_path / "out"
+        done = self.client(comfy_server, "--image", str(image), "--set", "SaveImage.filename_prefix=e2e/client",
+                           "--out", str(out), "--timeout", "600")  # fmt: skip
+        assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+        (saved,) = out.rglob("*.png")
+        from PIL import Image
+
+        assert Image.open(saved).size == (96, 64)
+        assert "running node 5 (Distributed VAE Decode)" in done.stdout, done.stdout
+        assert re.search(r"node 5 \(Distributed VAE Decode\): (\d+)/\1", done.stdout), done.stdout
+
+    def test_validation_error_is_readable(self, comfy_server, tmp_path):
+        write_png(comfy_server.input_dir / "e2e_client_bad.png", 64, 64)
+        done = self.client(comfy_server, "--set", "1.image=e2e_client_bad.png", "--set", "4.mode=fast")
+        assert done.returncode == 2, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+        assert "node 4 (BagelVAEPP_DistributedEncode, Distributed VAE Encode):" in done.stderr, done.stderr
+        assert "fast" in done.stderr and "exact" in done.stderr, done.stderr
+
+
+class TestQueueAndFree:
+    """Two prompts queued at once both finish; "Free model and node cache" stops the pool until the next prompt."""
+
+    @staticmethod
+    def wait_for(condition, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"{what} not after {timeout_s:.0f} s"
+            time.sleep(0.5)
+
+    def test_two_prompts_back_to_back(self, comfy_server):
+        image_name = "e2e_queue.png"
+        write_png(comfy_server.input_dir / image_name, 64, 48)
+        ids = []
+        for prefix in ("e2e/queue_a", "e2e/queue_b"):
+            status, body = comfy_server.post_prompt(roundtrip_prompt(comfy_server, image_name, prefix), "e2e-queue")
+            assert status == 200, body
+            ids.append(body["prompt_id"])
+
+        def history(prompt_id):
+            return comfy_server.get_json(f"/history/{prompt_id}").get(prompt_id, {}).get("status", {})
+
+        self.wait_for(lambda: all(history(i).get("completed") is not None for i in ids), 600, "both prompts done")
+        assert [history(i).get("status_str") for i in ids] == ["success", "success"], comfy_server.log_tail()
+
+    def test_free_stops_the_workers_and_the_next_prompt_starts_them(self, comfy_server):
+        image_name = "e2e_free.png"
+        write_png(comfy_server.input_dir / image_name, 64, 64)
+        if not comfy_server.our_workers():
+            run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/before_free"))
+        before = comfy_server.our_workers()
+        assert before
+        assert comfy_server.post_json("/free", {"unload_models": True, "free_memory": True}) == 200
+        self.wait_for(lambda: not comfy_server.our_workers(), 30, "workers gone after /free")
+        run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/after_free"))
+        after = comfy_server.our_workers()
+        assert after and not after & before
 
 
 class TestShutdown:

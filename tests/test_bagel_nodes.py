@@ -1,0 +1,178 @@
+"""BAGEL nodes with the host stubbed: declarations complete, loader -> text-to-image / edit / understanding."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = "bagel_vae_pp_pack_bagel_nodes_test"
+NODE_IDS = {
+    "BagelVAEPP_LoadBagel": "BAGEL Model Loader",
+    "BagelVAEPP_TextToImage": "BAGEL Text to Image",
+    "BagelVAEPP_ImageEdit": "BAGEL Image Edit",
+    "BagelVAEPP_Understanding": "BAGEL Image Understanding",
+}
+
+
+class Host:
+    """Records what the nodes tell ComfyUI; `interrupt_after` makes the n-th interrupt check raise."""
+
+    def __init__(self, root: str):
+        self.root, self.progress, self.checks, self.interrupt_after = root, [], 0, None
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        folder_paths = types.ModuleType("folder_paths")
+        folder_paths.models_dir = self.root
+        folder_paths.add_model_folder_path = lambda name, path, is_default=False: None
+        folder_paths.get_folder_paths = lambda name: [self.root]
+        mm = types.ModuleType("comfy.model_management")
+        mm.throw_exception_if_processing_interrupted = self.check_interrupt
+        mm.get_torch_device = lambda: torch.device("cpu")
+        mm.unload_all_models = lambda: None
+        utils = types.ModuleType("comfy.utils")
+        host = self
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.total = total
+
+            def update_absolute(self, value, total=None, preview=None):
+                host.progress.append((value, total))
+
+        utils.ProgressBar = ProgressBar
+        sd = types.ModuleType("comfy.sd")
+
+        class VAE:
+            def __init__(self, sd):
+                self.sd = sd
+
+            def throw_exception_if_invalid(self):
+                pass
+
+        sd.VAE = VAE
+        comfy = types.ModuleType("comfy")
+        comfy.model_management, comfy.utils, comfy.sd = mm, utils, sd
+        return {"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
+                "comfy.sd": sd}  # fmt: skip
+
+    def check_interrupt(self):
+        self.checks += 1
+        if self.interrupt_after is not None and self.checks > self.interrupt_after:
+            raise InterruptedError("cancelled")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models_bagel")
+    write_tiny_checkpoint(str(root / "tiny-bagel"))
+    return Host(str(root))
+
+
+@pytest.fixture(scope="module")
+def nodes(host):
+    """nodes.bagel_nodes imported as ComfyUI does (a path-named package), host modules stubbed."""
+    before = set(sys.modules)
+    stubs = {k: v for k, v in host.modules().items() if k not in sys.modules}
+    sys.modules.update(stubs)
+    package = types.ModuleType(PACK)
+    package.__path__ = [str(REPO)]
+    sys.modules[PACK] = package
+    try:
+        yield importlib.import_module(f"{PACK}.nodes.bagel_nodes")
+    finally:
+        for key in set(sys.modules) - before:
+            if key in stubs or key.startswith(PACK):
+                del sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def loaded(nodes):
+    return nodes.BagelModelLoader().execute("tiny-bagel", "fp32")
+
+
+def edit_inputs(image, **changes):
+    inputs = text_to_image_inputs(cfg_img_scale=2.0, cfg_interval_start=0.0, cfg_renorm_type="text_channel")
+    del inputs["width"], inputs["height"]
+    return {**inputs, "image": image, **changes}
+
+
+def text_to_image_inputs(**changes):
+    inputs = dict(prompt="the cat", seed=3, width=32, height=48, steps=4, cfg_text_scale=4.0, cfg_img_scale=1.5,
+                  cfg_interval_start=0.4, cfg_interval_end=1.0, timestep_shift=3.0, cfg_renorm_type="global",
+                  cfg_renorm_min=0.0, think=False, max_think_tokens=8)  # fmt: skip
+    return {**inputs, **changes}
+
+
+class TestDeclarations:
+    def test_ids_and_titles(self, nodes):
+        assert {k: v.TITLE for k, v in nodes.NODE_CLASSES.items()} == NODE_IDS
+
+    @pytest.mark.parametrize("node_id", NODE_IDS)
+    def test_every_input_and_output_is_declared(self, nodes, node_id):
+        cls = nodes.NODE_CLASSES[node_id]
+        assert cls.FUNCTION == "execute" and cls.CATEGORY == "bagel-vae-pp/BAGEL" and cls.DESCRIPTION
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        for section in cls.INPUT_TYPES().values():
+            for name, (kind, opts) in section.items():
+                assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+                if kind in ("INT", "FLOAT"):
+                    assert {"default", "min", "max", "step"} <= set(opts), f"{node_id}.{name}"
+
+    def test_loader_lists_model_folders(self, nodes):
+        assert nodes.BagelModelLoader.INPUT_TYPES()["required"]["model"][0] == ["tiny-bagel"]
+
+    def test_edit_defaults_are_the_official_edit_defaults(self, nodes):
+        req = nodes.BagelImageEdit.INPUT_TYPES()["required"]
+        assert req["cfg_img_scale"][1]["default"] == 2.0 and req["cfg_interval_start"][1]["default"] == 0.0
+        assert req["cfg_renorm_type"][1]["default"] == "text_channel"
+
+
+class TestRun:
+    def test_loader_gives_model_and_host_vae(self, loaded):
+        model, vae = loaded
+        assert model.model.params.max_latent_size == 8
+        assert "decoder.conv_in.weight" in vae.sd
+
+    def test_text_to_image_latent_same_seed_same_result(self, nodes, loaded, host):
+        node = nodes.BagelTextToImage()
+        host.progress.clear()
+        (latent, thinking) = node.execute(loaded[0], **text_to_image_inputs())
+        again, _ = node.execute(loaded[0], **text_to_image_inputs())
+        assert latent["samples"].shape == (1, 16, 6, 4) and thinking == ""
+        assert torch.equal(latent["samples"], again["samples"])
+        assert host.progress[:3] == [(1, 3), (2, 3), (3, 3)]
+
+    def test_interrupt_stops_text_to_image(self, nodes, loaded, host):
+        host.checks, host.interrupt_after = 0, 1
+        try:
+            with pytest.raises(InterruptedError):
+                nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs())
+        finally:
+            host.interrupt_after = None
+        assert host.checks == 2
+
+    def test_wrong_renorm_type_is_an_error_not_a_black_image(self, nodes, loaded):
+        with pytest.raises(ValueError, match="cfg_renorm_type is 'local'"):
+            nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs(cfg_renorm_type="local"))
+
+    def test_edit_returns_latent_of_the_resized_image(self, nodes, loaded):
+        (latent, _) = nodes.BagelImageEdit().execute(loaded[0], **edit_inputs(torch.rand(1, 100, 70, 3)))
+        assert latent["samples"].shape == (1, 16, 12, 8)
+
+    def test_edit_rejects_batches(self, nodes, loaded):
+        with pytest.raises(ValueError, match="batch of 2"):
+            nodes.BagelImageEdit().execute(loaded[0], **edit_inputs(torch.rand(2, 64, 64, 3)))
+
+    def test_understanding_returns_text(self, nodes, loaded):
+        (text,) = nodes.BagelImageUnderstanding().execute(
+            loaded[0], torch.rand(1, 64, 64, 3), "what?", 4, 0.0, 0, False
+        )
+        assert isinstance(text, str) and text
