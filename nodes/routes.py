@@ -1,7 +1,7 @@
 """HTTP routes of the pack on ComfyUI's server: GET /bagel_vae_pp/status, the worker pools' state as JSON.
 
-Registered (by the pack's `__init__`) on `server.PromptServer.instance.routes`, which ComfyUI adds to its app after the custom
-nodes load (also under /api/). Without the server (unit tests, scripts) nothing is registered.
+The pack's `__init__` registers them on `server.PromptServer.instance.routes`, which ComfyUI adds to its app
+after the custom nodes load (also under /api/). Without the server (unit tests, scripts) nothing is registered.
 """
 
 from __future__ import annotations
