@@ -40,4 +40,3 @@ def register_with_server() -> bool:
         return False
     register(routes)
     return True
-
