@@ -114,7 +114,8 @@ def tiled(run_tile, inp_hw, tile: int, overlap: int, unit: int, scale: float, ou
                 ox0, ox1 = round(x0 * scale), round(x1 * scale)
                 acc[:, c0 - lo : c1 - lo, ox0:ox1] += y[:, c0 - y0 : c1 - y0] * weight
                 done += 1
-                r.report(done, total) if r.rank == 0 else None
+                if r.rank == 0:
+                    r.report(done, total)
         if out_rows_first:
             out[i, lo:hi].copy_(to_image(acc))
         else:
