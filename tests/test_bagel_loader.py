@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bagel_vae_pp.autoencoder import random_autoencoder
 from bagel_vae_pp.bagel.loader import is_bagel_folder, list_bagel_folders, load_bagel, resolve_folder
 from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
 
@@ -50,6 +51,18 @@ class TestLoad:
         folder = write_tiny_checkpoint(str(tmp_path / "df11-like"), vae_in_subfolder=True)
         assert is_bagel_folder(folder)
         assert load_bagel(folder, "cpu", torch.float32).vae is not None
+
+    def test_external_vae_in_bf16_loads_as_fp32(self, tmp_path):
+        vae = random_autoencoder("tiny", seed=3)
+        folder = write_tiny_checkpoint(str(tmp_path / "bf16-vae"), vae=vae, vae_dtype=torch.bfloat16)
+        loaded = load_bagel(folder, "cpu", torch.float32)
+        assert loaded.vae_state_dict["decoder.conv_out.weight"].dtype == torch.bfloat16
+        expected = vae.decoder.conv_out.weight.to(torch.bfloat16).float()
+        assert torch.equal(loaded.vae.decoder.conv_out.weight, expected)
+
+    def test_external_vae_of_another_latent_space_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match="vae has z_channels 4"):
+            write_tiny_checkpoint(str(tmp_path / "sd-vae"), vae=random_autoencoder("tiny-sd"))
 
     def test_missing_key_is_named(self, root, tmp_path):
         folder = broken_copy(root / "tiny", tmp_path / "missing", lambda sd: sd.pop("llm2vae.bias"))

@@ -15,7 +15,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..autoencoder import random_autoencoder
+from ..autoencoder import AutoEncoder, random_autoencoder
 from .config import CONFIGS, BagelParams
 from .model import Bagel, sincos_2d_table
 
@@ -146,13 +146,22 @@ def random_bagel(params: BagelParams, seed: int = 0, device="cpu", dtype: torch.
 
 
 def write_tiny_checkpoint(
-    folder: str, seed: int = 0, vae_in_subfolder: bool = False, dtype: torch.dtype = torch.bfloat16
+    folder: str,
+    seed: int = 0,
+    vae_in_subfolder: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    vae: AutoEncoder | None = None,
+    vae_dtype: torch.dtype = torch.float32,
 ) -> str:
     """Write a tiny random BAGEL checkpoint folder in the real layout; returns the folder.
 
     Args:
         vae_in_subfolder: put the autoencoder at vae/ae.safetensors (the DF11 layout) instead of the top.
         dtype: ema.safetensors dtype (bf16 like the real file; values load exactly into fp32).
+        vae: the autoencoder written as ae.safetensors; None: a random "tiny" one. It must have z = 16 and
+            downsample 8, like FLUX; pass a full-size random_autoencoder("flux") for hosts whose own VAE
+            loader only accepts the real FLUX widths (ComfyUI's comfy.sd.VAE).
+        vae_dtype: ae.safetensors dtype (bf16 halves the bytes of a full-size VAE; loaders cast to fp32).
     """
     params = CONFIGS["tiny"]
     os.makedirs(folder, exist_ok=True)
@@ -168,6 +177,12 @@ def write_tiny_checkpoint(
     )
     vae_dir = os.path.join(folder, "vae") if vae_in_subfolder else folder
     os.makedirs(vae_dir, exist_ok=True)
-    vae_sd = {k: v.contiguous() for k, v in random_autoencoder("tiny", seed=seed).state_dict().items()}
+    vae = random_autoencoder("tiny", seed=seed) if vae is None else vae
+    if (vae.params.z_channels, vae.params.downscale) != (params.vae_z_channels, params.vae_downsample):
+        raise ValueError(
+            f"vae has z_channels {vae.params.z_channels} and downsample {vae.params.downscale}; the "
+            f"tiny BAGEL needs {params.vae_z_channels} and {params.vae_downsample} (a FLUX-layout VAE)."
+        )
+    vae_sd = {k: v.to(vae_dtype).contiguous() for k, v in vae.state_dict().items()}
     save_file(vae_sd, os.path.join(vae_dir, "ae.safetensors"))
     return folder

@@ -3,14 +3,16 @@
 The server runs from a ComfyUI checkout outside the repo (`COMFYUI_PATH`, Python `COMFYUI_PYTHON` or this
 interpreter) on a free loopback port, with every folder it writes to in a temporary directory: an
 `extra_model_paths.yaml` adds a `custom_nodes` root holding a symlink to this repo named `bagel-vae-pp`, and
-`vae` / `bagel` model folders with a random-weight test VAE. Nothing in the ComfyUI checkout or the repo is
-touched. Mirrors ComfyUI's own tests/execution fixture (../shared/notes/comfyui_host.md §6).
+`vae` / `bagel` model folders (written once per session): a random-weight test VAE, and a tiny random BAGEL
+checkpoint in the real layout whose `ae.safetensors` is that same VAE. Nothing in the ComfyUI checkout or the
+repo is touched. Mirrors ComfyUI's own tests/execution fixture (../shared/notes/comfyui_host.md §6).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +33,9 @@ TEST_VAE_NAME = "bagel_vae_pp_e2e_ae.safetensors"
 # ~line 368) and refuses other widths with "size mismatch", so the test VAE must be full-size ("tiny" is not
 # loadable by the core loader). Random weights, 84M parameters, ~335 MB in fp32.
 TEST_VAE_SIZE = "flux"
+# models/bagel/<name>: the tiny BAGEL (tools/make_tiny_bagel.py) with the test VAE above as ae.safetensors in
+# bf16 (168 MB): the loader's VAE output must be one that core VAEDecode accepts.
+TEST_BAGEL_NAME = "bagel_vae_pp_e2e_tiny"
 READY_TIMEOUT_S = float(os.environ.get("BAGEL_E2E_READY_TIMEOUT_S", 240))
 PROMPT_TIMEOUT_S = float(os.environ.get("BAGEL_E2E_PROMPT_TIMEOUT_S", 600))
 WORKER_MODULE = "bagel_vae_pp.worker"
@@ -49,17 +54,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_test_vae(path: Path) -> None:
-    """A seeded random FLUX-layout `ae.safetensors` (`encoder.*` / `decoder.*`), as ComfyUI's VAELoader reads."""
+def write_test_models(vae_dir: Path, bagel_dir: Path) -> None:
+    """A seeded random FLUX-layout `ae.safetensors` (`encoder.*` / `decoder.*`, fp32), as ComfyUI's VAELoader
+    reads, in `vae_dir`; a tiny BAGEL checkpoint folder with the same VAE (bf16) in `bagel_dir`."""
     sys.path.insert(0, str(REPO))
     try:
         from bagel_vae_pp.autoencoder import random_autoencoder
+        from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
     finally:
         sys.path.remove(str(REPO))
+    import torch
     from safetensors.torch import save_file
 
     model = random_autoencoder(TEST_VAE_SIZE, seed=0)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(vae_dir / TEST_VAE_NAME))
+    write_tiny_checkpoint(str(bagel_dir / TEST_BAGEL_NAME), seed=0, vae=model, vae_dtype=torch.bfloat16)
 
 
 def read_proc(pid: int, name: str) -> bytes:
@@ -111,6 +120,7 @@ class ComfyServer:
     output_dir: Path
     vae_name: str
     worker_pids_seen: set[int] = field(default_factory=set)
+    bagel_name: str = TEST_BAGEL_NAME
     pack_dir_name: str = PACK_DIR_NAME
 
     @property
@@ -267,8 +277,22 @@ def wait_until_ready(server: ComfyServer) -> None:
     pytest.fail(f"ComfyUI not ready after {READY_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
 
 
+@pytest.fixture(scope="session")
+def e2e_models(tmp_path_factory) -> dict[str, Path]:
+    """The `vae` and `bagel` model folders, written once for all server modules, deleted after the session."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {"vae": root / "vae", "bagel": root / "bagel"}
+    for path in dirs.values():
+        path.mkdir()
+    try:
+        write_test_models(dirs["vae"], dirs["bagel"])
+        yield dirs
+    finally:  # pytest keeps the last few temp roots; the 500 MB of random weights need not stay with them
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def comfy_server(tmp_path_factory) -> ComfyServer:
+def comfy_server(tmp_path_factory, request) -> ComfyServer:
     comfy_path = os.environ.get("COMFYUI_PATH")
     if not comfy_path:
         pytest.skip("COMFYUI_PATH is not set: point it at a Comfy-Org/ComfyUI checkout to run the server tests")
@@ -278,13 +302,12 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
 
     root = tmp_path_factory.mktemp("comfyui")
-    dirs = {
-        name: root / name for name in ("custom_nodes", "models/vae", "models/bagel", "input", "output", "temp", "user")
-    }
+    dirs = {name: root / name for name in ("custom_nodes", "input", "output", "temp", "user")}
     for path in dirs.values():
         path.mkdir(parents=True)
     (dirs["custom_nodes"] / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
-    write_test_vae(dirs["models/vae"] / TEST_VAE_NAME)
+    models = request.getfixturevalue("e2e_models")  # after the COMFYUI_PATH check: no weights when skipped
+    dirs.update({f"models/{name}": path for name, path in models.items()})
     yaml_path = root / "extra_model_paths.yaml"
     yaml_path.write_text(
         "bagel_vae_pp_e2e:\n"
@@ -319,5 +342,3 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # pytest keeps the last few temp roots; the 335 MB test VAE need not stay with the log and images.
-        (dirs["models/vae"] / TEST_VAE_NAME).unlink(missing_ok=True)

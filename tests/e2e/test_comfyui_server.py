@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import nodes_of, run_ok, saved_images, write_png
 
 pytestmark = [
     pytest.mark.server,
@@ -35,21 +36,6 @@ ROUNDTRIP = REPO / "workflows" / "api" / "vae_roundtrip_4k.json"
 DEVICES = "cpu:2"
 # Frontend-only widgets that follow an input with these options (see tests/test_workflows.py).
 UI_ONLY_WIDGET_FLAGS = ("control_after_generate", "image_upload")
-
-
-def write_png(path: Path, width: int, height: int) -> None:
-    """A smooth colour ramp with a disc: structure that a wrong band or halo would visibly break."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2).astype(np.float32)
-    rgb = np.stack([x / width, y / height, 0.3 + 0.5 * disc], axis=-1)
-    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
-
-
-def nodes_of(prompt: dict, class_type: str) -> list[dict]:
-    return [node for node in prompt.values() if node["class_type"] == class_type]
 
 
 def roundtrip_prompt(server, image_name: str, prefix: str) -> dict:
@@ -75,21 +61,6 @@ def core_roundtrip_prompt(server, image_name: str, prefix: str) -> dict:
         "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}},
     }
-
-
-def saved_images(server, run) -> list[Path]:
-    paths = []
-    for output in run.history.get("outputs", {}).values():
-        for image in output.get("images", []):
-            assert image["type"] == "output", image
-            paths.append(server.output_dir / image["subfolder"] / image["filename"])
-    return paths
-
-
-def run_ok(server, prompt):
-    run = server.run_prompt(prompt)
-    assert run.http_status == 200 and run.status_str == "success", run.describe()
-    return run
 
 
 def widget_names(spec: dict) -> list[str | None]:

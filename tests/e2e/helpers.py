@@ -1,0 +1,35 @@
+"""Helpers shared by the `server` test modules: input images, API-graph edits and checked runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_png(path: Path, width: int, height: int) -> None:
+    """A smooth colour ramp with a disc: structure that a wrong band or halo would visibly break."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2).astype(np.float32)
+    rgb = np.stack([x / width, y / height, 0.3 + 0.5 * disc], axis=-1)
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+
+
+def nodes_of(prompt: dict, class_type: str) -> list[dict]:
+    return [node for node in prompt.values() if node["class_type"] == class_type]
+
+
+def saved_images(server, run) -> list[Path]:
+    paths = []
+    for output in run.history.get("outputs", {}).values():
+        for image in output.get("images", []):
+            assert image["type"] == "output", image
+            paths.append(server.output_dir / image["subfolder"] / image["filename"])
+    return paths
+
+
+def run_ok(server, prompt):
+    run = server.run_prompt(prompt)
+    assert run.http_status == 200 and run.status_str == "success", run.describe()
+    return run
