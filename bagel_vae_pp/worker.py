@@ -53,6 +53,12 @@ def check_device(device: torch.device, dtype_name: str) -> None:
             )
 
 
+def cpu_threads(device: torch.device, world: int) -> int:
+    """CPU workers share the cores; a GPU worker only launches kernels and copies rows, so one thread keeps its
+    idle OpenMP pool from competing with the host's (and the other workers') parallel CPU work."""
+    return max(1, (os.cpu_count() or 1) // world) if device.type == "cpu" else 1
+
+
 def init_group(cfg: dict) -> dict:
     """Join the pool's process group; make one subgroup per prefix of ranks for jobs with fewer rows."""
     world = cfg["world"]
@@ -77,8 +83,7 @@ class Worker:
         self.model = None
         self.job_id = -1
         check_device(self.device, cfg["dtype"])
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world"]))
+        torch.set_num_threads(cpu_threads(self.device, cfg["world"]))
         self.groups = init_group(cfg)
 
     def rank(self) -> Rank:

@@ -187,6 +187,14 @@ class BagelTextToImage:
             **guidance_inputs(cfg_img_scale=1.5, interval_start=0.4, renorm_type="global"),
         }}  # fmt: skip
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        # ComfyUI checks min/max but not step; naming width/height here means we check all three, before queueing.
+        for name, value in (("width", width), ("height", height)):
+            if not 16 <= value <= 1024 or value % 16:
+                return f"{name} is {value}; it must be a multiple of 16 from 16 to 1024."
+        return True
+
     def execute(self, bagel_model, prompt, seed, width, height, **kw):
         progress = host.Progress(kw["steps"] - 1)
         latent, thinking = text_to_image(bagel_model.model, bagel_model.tokenizer, prompt, width, height, seed,

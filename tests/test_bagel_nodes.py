@@ -129,6 +129,12 @@ class TestDeclarations:
     def test_loader_lists_model_folders(self, nodes):
         assert nodes.BagelModelLoader.INPUT_TYPES()["required"]["model"][0] == ["tiny-bagel"]
 
+    def test_sizes_off_the_16_grid_are_refused_before_queueing(self, nodes):
+        validate = nodes.BagelTextToImage.VALIDATE_INPUTS
+        assert validate(width=72, height=64) == "width is 72; it must be a multiple of 16 from 16 to 1024."
+        assert validate(width=64, height=2048).startswith("height is 2048")
+        assert validate(width=1024, height=16) is True
+
     def test_edit_defaults_are_the_official_edit_defaults(self, nodes):
         req = nodes.BagelImageEdit.INPUT_TYPES()["required"]
         assert req["cfg_img_scale"][1]["default"] == 2.0 and req["cfg_interval_start"][1]["default"] == 0.0
