@@ -302,6 +302,7 @@ class WorkerPool:
             else:
                 out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
             shm.check_room(self.dir, [data.shape, out_shape], "samples" if op == "decode" else "pixels")
+            checked = time.time()
             self.job_id += 1
             paths = [os.path.join(self.dir, f"job{self.job_id}.{name}") for name in ("in", "out")]
             try:
@@ -319,12 +320,12 @@ class WorkerPool:
                     "output": paths[1],
                     "output_shape": list(out_shape),
                 }
-                sent = time.time()
+                staged = time.time()
                 self.send_all(job, op)
                 self.last_replies = self.wait_all(
                     op, time.monotonic() + self.deadline_s(out_shape, op), interrupt, progress
                 )
-                self.last_timing = timing(entered, sent, self.last_replies)
+                self.last_timing = timing(entered, checked, staged, self.last_replies)
             finally:
                 for path in paths:
                     shm.unlink(path)
@@ -360,13 +361,16 @@ class WorkerPool:
         return self.run("encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress)
 
 
-def timing(entered: float, sent: float, replies: list[dict]) -> dict:
-    """Where a job's wall time went, in ms: host preparation, hand-over to workers, compute, hand-back."""
+def timing(entered: float, checked: float, staged: float, replies: list[dict]) -> dict:
+    """Where a job's wall time went, in ms: host preparation (checks, then staging in shared memory),
+    hand-over to workers, compute, hand-back."""
     busy = [r for r in replies if "received" in r]
     received, finished = max(r["received"] for r in busy), max(r["finished"] for r in busy)
     return {
-        "prepare_ms": 1000 * (sent - entered),
-        "dispatch_ms": 1000 * (received - sent),
+        "prepare_ms": 1000 * (staged - entered),
+        "check_ms": 1000 * (checked - entered),
+        "stage_ms": 1000 * (staged - checked),
+        "dispatch_ms": 1000 * (received - staged),
         "compute_ms": 1000 * max(r["seconds"] for r in busy),
         "collect_ms": 1000 * (time.time() - finished),
     }
