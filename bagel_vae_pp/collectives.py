@@ -68,6 +68,18 @@ class Shard:
                 raise JobCancelled("cancelled")
 
 
+# torch 2.13 renamed all_gather_into_tensor; the GPU machines run 2.11, which has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_stacked(x: Tensor, shard: Shard, async_op: bool = False):
+    """[world, *x.shape]: every rank's `x`, gathered into one buffer (one launch, no per-rank copies)."""
+    x = x.contiguous()
+    out = x.new_empty((shard.world, *x.shape))
+    work = _all_gather_single(out.view(-1), x.view(-1), group=shard.group, async_op=async_op)
+    return out, work
+
+
 def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
     """(row above this band, row below it) from the neighbouring ranks; None at the image edge.
 
@@ -75,9 +87,8 @@ def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
     """
     if shard.world == 1:
         return (lambda: (None, None)) if async_op else (None, None)
-    edges = torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2).contiguous()  # [B, C, 2, W]
-    gathered = [torch.empty_like(edges) for _ in range(shard.world)]
-    work = dist.all_gather(gathered, edges, group=shard.group, async_op=async_op)
+    edges = torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2)  # [B, C, 2, W]
+    gathered, work = all_gather_stacked(edges, shard, async_op)  # [world, B, C, 2, W]
 
     def rows():
         if work is not None:
@@ -106,9 +117,7 @@ def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
         return mean, var
     flag = torch.full((1,), float(shard.is_cancelled()), dtype=torch.float32, device=x.device)
     local = torch.cat([flag, mean.flatten(), var.flatten()])
-    gathered = [torch.empty_like(local) for _ in range(shard.world)]
-    dist.all_gather(gathered, local, group=shard.group)
-    stats = torch.stack(gathered)  # [world, 1 + 2*B*G]
+    stats, _ = all_gather_stacked(local, shard)  # [world, 1 + 2*B*G]
     shard.push_cancel_flag(stats[:, 0].max())
     w = shard.row_shares(x.device)[:, None]  # [world, 1]
     means, variances = stats[:, 1 : 1 + B * groups], stats[:, 1 + B * groups :]
@@ -121,9 +130,12 @@ def gather_tokens(t: Tensor, shard: Shard) -> Tensor:
     """Concatenate every rank's latent-resolution tokens [B, rows*W, C] in row order: [B, L, C]."""
     if shard.world == 1:
         return t
-    per_row = t.shape[1] // shard.heights[shard.rank]
+    B, n, C = t.shape
+    per_row = n // shard.heights[shard.rank]
     lengths = [h * per_row for h in shard.heights]
-    padded = torch.nn.functional.pad(t, (0, 0, 0, max(lengths) - t.shape[1])).contiguous()
-    gathered = [torch.empty_like(padded) for _ in range(shard.world)]
-    dist.all_gather(gathered, padded, group=shard.group)
+    longest = max(lengths)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, longest - n)) if n < longest else t
+    gathered, _ = all_gather_stacked(padded, shard)  # [world, B, longest, C]
+    if min(lengths) == longest:
+        return gathered.transpose(0, 1).reshape(B, shard.world * longest, C)  # a view when B == 1
     return torch.cat([g[:, :n] for g, n in zip(gathered, lengths)], dim=1)
