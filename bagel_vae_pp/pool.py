@@ -230,19 +230,30 @@ class WorkerPool:
             raise self.fail(f"{what}: cancelled unexpectedly.")
         # The other ranks may now wait forever in a collective that this rank left, or this rank failed
         # because a peer died (gloo: "connection closed by peer"): give them a moment, and name a dead peer.
+        _, silent, dead = self.drain(pending)
+        if dead is not None:
+            raise self.died(dead, what)
+        message = f"{what} failed on worker {rank} ({self.spec.devices[rank]}): {reply['error']}"
+        if silent:
+            raise self.fail(message)
+        raise RuntimeError(message)
+
+    def drain(self, pending: dict) -> tuple[list[dict], dict, int | None]:
+        """Read the replies `pending` ranks still owe, for at most CANCEL_GRACE_S.
+
+        Returns (replies read, ranks still silent, a rank whose socket closed or None).
+        """
+        pending, replies = dict(pending), []
         end = time.monotonic() + CANCEL_GRACE_S
         while pending and time.monotonic() < end:
             for conn in wait(list(pending.values()), timeout=SLICE_S):
-                rank_ = next(r for r, c in pending.items() if c is conn)
+                rank = next(r for r, c in pending.items() if c is conn)
                 try:
-                    conn.recv()
+                    replies.append(conn.recv())
                 except (EOFError, OSError):
-                    raise self.died(rank_, what) from None
-                del pending[rank_]
-        message = f"{what} failed on worker {rank} ({self.spec.devices[rank]}): {reply['error']}"
-        if pending:
-            raise self.fail(message)
-        raise RuntimeError(message)
+                    return replies, pending, rank
+                del pending[rank]
+        return replies, pending, None
 
     def cancel(self, pending: dict) -> None:
         """Ask running ranks to stop at their next layer, without waiting: the caller's exception must not
@@ -252,19 +263,9 @@ class WorkerPool:
 
     def settle(self) -> list[dict]:
         """Read the replies a cancelled job still owes; restart the pool if its ranks do not stop in time."""
-        pending, self.owing = self.owing, {}
-        replies = []
-        end = time.monotonic() + CANCEL_GRACE_S
-        while pending and time.monotonic() < end:
-            for conn in wait(list(pending.values()), timeout=SLICE_S):
-                rank = next(r for r, c in pending.items() if c is conn)
-                try:
-                    replies.append(conn.recv())
-                except (EOFError, OSError):  # died while stopping: restart below
-                    end = 0
-                    continue
-                del pending[rank]
-        if pending:
+        replies, silent, dead = self.drain(self.owing)
+        self.owing = {}
+        if silent or dead is not None:
             self.kill()
         return replies
 
