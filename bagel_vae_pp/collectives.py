@@ -36,6 +36,8 @@ class Shard:
     on_layer: Callable[[], None] = field(default=lambda: None)
     flags: deque = field(default_factory=deque)  # (event or None, host tensor) per GroupNorm, oldest first
     shares: Tensor | None = None  # cache of row_shares
+    # False inside a CUDA-graph capture, where no host read may happen; the caller checks between replays.
+    agree_on_cancel: bool = True
 
     def __post_init__(self):
         assert len(self.latent_bands) == self.world, (self.latent_bands, self.world)
@@ -118,7 +120,8 @@ def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
     flag = torch.full((1,), float(shard.is_cancelled()), dtype=torch.float32, device=x.device)
     local = torch.cat([flag, mean.flatten(), var.flatten()])
     stats, _ = all_gather_stacked(local, shard)  # [world, 1 + 2*B*G]
-    shard.push_cancel_flag(stats[:, 0].max())
+    if shard.agree_on_cancel:
+        shard.push_cancel_flag(stats[:, 0].max())
     w = shard.row_shares(x.device)[:, None]  # [world, 1]
     means, variances = stats[:, 1 : 1 + B * groups], stats[:, 1 + B * groups :]
     mean_all = (w * means).sum(0)
