@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
+
+# Every real-server test module: marked `server`, skipped with the reason when no ComfyUI checkout is named.
+SERVER_MARKS = [
+    pytest.mark.server,
+    pytest.mark.skipif(
+        not os.environ.get("COMFYUI_PATH"),
+        reason="COMFYUI_PATH is not set: point it at a Comfy-Org/ComfyUI checkout (and COMFYUI_PYTHON at its "
+        "Python) to run the real-server tests",
+    ),
+]
 
 
 def write_png(path: Path, width: int, height: int) -> None:

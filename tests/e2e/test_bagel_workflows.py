@@ -10,20 +10,12 @@ understanding (its text read back from /history through core PreviewAny), and a 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from helpers import nodes_of, run_ok, saved_images, write_png
+from helpers import SERVER_MARKS, nodes_of, run_ok, saved_images, write_png
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(
-        not os.environ.get("COMFYUI_PATH"),
-        reason="COMFYUI_PATH is not set: point it at a Comfy-Org/ComfyUI checkout (and COMFYUI_PYTHON at its "
-        "Python) to run the real-server tests",
-    ),
-]
+pytestmark = SERVER_MARKS
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT_TO_IMAGE = REPO / "workflows" / "api" / "bagel_text_to_image.json"

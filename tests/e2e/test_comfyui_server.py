@@ -8,7 +8,6 @@ VAEEncode/VAEDecode), stops on Cancel, rejects bad inputs readably, and leaves n
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,16 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import nodes_of, run_ok, saved_images, write_png
+from helpers import SERVER_MARKS, nodes_of, run_ok, saved_images, write_png
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(
-        not os.environ.get("COMFYUI_PATH"),
-        reason="COMFYUI_PATH is not set: point it at a Comfy-Org/ComfyUI checkout (and COMFYUI_PYTHON at its "
-        "Python) to run the real-server tests",
-    ),
-]
+pytestmark = SERVER_MARKS
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_MODULE = "bagel_vae_pp.worker"
