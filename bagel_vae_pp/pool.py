@@ -39,6 +39,11 @@ CANCEL_GRACE_S = 3.0
 SLICE_S = 0.05
 # Allowance per output megapixel per worker on top of timeout_s; CPU float32 is ~100x slower.
 SECONDS_PER_MPX = {"cuda": 2.0, "cpu": 120.0}
+# Peak device bytes a worker holds per pixel of its share, in bf16 (measured on 4x H200 with the Triton kernels,
+# BENCHMARKS.md: 8.73 GiB for a 4096² decode band, 6.28 GiB for an encode band), rounded up; plus a base
+# for weights, workspace and the CUDA context.
+PEAK_BYTES_PER_PX = {"decode": 2400, "encode": 1700}
+WORKER_BASE_BYTES = 1 << 30
 
 
 class WorkerError(RuntimeError):
@@ -289,7 +294,7 @@ class WorkerPool:
         self.vae_ref, self.vae_params = weakref.ref(vae), params
         return params
 
-    def run(self, op, vae, data, mode, tile_px, overlap_px, interrupt, progress):
+    def run(self, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, make_room):
         with self.lock:
             entered = time.time()
             self.settle()
@@ -303,6 +308,9 @@ class WorkerPool:
             else:
                 out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
             shm.check_room(self.dir, [data.shape, out_shape], "samples" if op == "decode" else "pixels")
+            if make_room is not None:
+                image_px = out_shape[1] * out_shape[2] if op == "decode" else data.shape[1] * data.shape[2]
+                make_room(self.spec.devices, self.peak_bytes_per_worker(op, image_px, mode, tile_px))
             checked = time.time()
             self.job_id += 1
             paths = [os.path.join(self.dir, f"job{self.job_id}.{name}") for name in ("in", "out")]
@@ -338,7 +346,23 @@ class WorkerPool:
         kind = "cuda" if self.spec.devices[0].startswith("cuda") else "cpu"
         return self.spec.timeout_s + SECONDS_PER_MPX[kind] * per_worker_mpx
 
-    def decode(self, vae: nn.Module, latent, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None):
+    def peak_bytes_per_worker(self, op: str, image_px: int, mode: str, tile_px: int) -> int:
+        """A generous estimate of one worker's peak device memory for one batch item of `image_px` pixels."""
+        share = image_px / len(self.spec.devices) if mode == "exact" else tile_px * tile_px
+        dtype_bytes = 4 if self.spec.dtype == "fp32" else 2
+        return int(PEAK_BYTES_PER_PX[op] * share * dtype_bytes / 2 + WORKER_BASE_BYTES)
+
+    def decode(
+        self,
+        vae: nn.Module,
+        latent,
+        mode="exact",
+        tile_px=1024,
+        overlap_px=128,
+        interrupt=None,
+        progress=None,
+        make_room=None,
+    ):
         """Decode a ComfyUI LATENT across the workers.
 
         Args:
@@ -349,17 +373,29 @@ class WorkerPool:
             tile_px, overlap_px: tile geometry for tiled mode, in output pixels.
             interrupt: called every few ms on this thread; whatever it raises cancels the job and propagates.
             progress: called with (done, total) as the workers advance.
+            make_room: called once before the workers start, with the pool's devices and an estimate of each
+                worker's peak device bytes, so the host can evict its own models from those devices.
         Returns: IMAGE [B, 8h, 8w, 3] float32 in [0, 1], on CPU.
         """
-        return self.run("decode", vae, latent, mode, tile_px, overlap_px, interrupt, progress)
+        return self.run("decode", vae, latent, mode, tile_px, overlap_px, interrupt, progress, make_room)
 
-    def encode(self, vae: nn.Module, pixels, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None):
+    def encode(
+        self,
+        vae: nn.Module,
+        pixels,
+        mode="exact",
+        tile_px=1024,
+        overlap_px=128,
+        interrupt=None,
+        progress=None,
+        make_room=None,
+    ):
         """Encode a ComfyUI IMAGE [B, H, W, 3] in [0, 1] to its posterior mean [B, z, H/8, W/8], raw VAE space.
 
         Sizes that are not multiples of 8 are centre-cropped, as core VAEEncode does. Other arguments as
         in `decode`.
         """
-        return self.run("encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress)
+        return self.run("encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress, make_room)
 
 
 def timing(entered: float, checked: float, staged: float, replies: list[dict]) -> dict:

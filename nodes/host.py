@@ -35,6 +35,16 @@ def is_cpu_host() -> bool:
     return comfy.model_management.get_torch_device().type == "cpu"
 
 
+def make_room(devices: tuple[str, ...], nbytes: int) -> None:
+    """Have ComfyUI unload its own models from the pool's GPUs until each has `nbytes` free: the workers'
+    memory is invisible to ComfyUI's model management, which would otherwise leave no room on a shared GPU."""
+    import torch
+
+    for device in devices:
+        if device.startswith("cuda"):
+            comfy.model_management.free_memory(nbytes, torch.device(device))
+
+
 def torch_device():
     return comfy.model_management.get_torch_device()
 

@@ -142,6 +142,7 @@ class DistributedVAEDecode:
             overlap,
             interrupt=host.throw_if_interrupted,
             progress=host.Progress(100),
+            make_room=host.make_room,
         )
         return (image,)
 
@@ -180,6 +181,7 @@ class DistributedVAEEncode:
             overlap,
             interrupt=host.throw_if_interrupted,
             progress=host.Progress(100),
+            make_room=host.make_room,
         )
         return ({"samples": latent},)
 

@@ -34,6 +34,8 @@ class Host:
         mm.throw_exception_if_processing_interrupted = self.throw
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.unload_all_models = self.unload
+        self.freed = []
+        mm.free_memory = lambda nbytes, device, keep_loaded=(): self.freed.append((nbytes, device))
         utils = types.ModuleType("comfy.utils")
         host = self
 
@@ -137,6 +139,13 @@ class TestVAENodes:
         assert set(out) == {"samples"}
         torch.testing.assert_close(out["samples"], ref_latent, rtol=0, atol=1e-4 * ref_latent.abs().max().item())
         assert pack.host.progress and pack.host.progress[-1][0] == pack.host.progress[-1][1]
+
+    def test_make_room_asks_comfyui_to_free_each_pool_gpu(self, pack):
+        pack.host.freed.clear()
+        sys.modules[PACK_NAME + ".nodes.host"].make_room(("cuda:1", "cuda:3"), 5 << 30)
+        assert pack.host.freed == [(5 << 30, torch.device("cuda:1")), (5 << 30, torch.device("cuda:3"))]
+        sys.modules[PACK_NAME + ".nodes.host"].make_room(("cpu", "cpu"), 5 << 30)
+        assert len(pack.host.freed) == 2  # CPU workers take nothing from ComfyUI's GPU
 
     def test_bad_devices_fail_validation_with_a_readable_message(self, pack):
         cls = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_WorkerPool"]

@@ -121,6 +121,14 @@ class TestLifecycle:
         assert not os.path.exists(folder)
         assert not pool.is_running
 
+    def test_make_room_hears_the_devices_and_a_per_worker_estimate_before_the_job(self, cpu_pool, tiny_vae):
+        asked = []
+        cpu_pool(2).decode(tiny_vae, sky_and_ground(1, 16, 8, 8), make_room=lambda d, n: asked.append((d, n)))
+        cpu_pool(2).encode(tiny_vae, torch.rand(1, 64, 64, 3), make_room=lambda d, n: asked.append((d, n)))
+        assert [d for d, _ in asked] == [("cpu", "cpu")] * 2
+        share = 64 * 64 / 2  # pixels per worker; fp32 doubles the bf16 figure
+        assert asked[0][1] == int(2400 * share * 2 + (1 << 30)) and asked[1][1] == int(1700 * share * 2 + (1 << 30))
+
     def test_progress_reaches_the_total(self, cpu_pool, tiny_vae):
         seen = []
         cpu_pool(2).decode(tiny_vae, sky_and_ground(1, 16, 4, 4), progress=lambda d, t: seen.append((d, t)))
