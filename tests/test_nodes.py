@@ -1,16 +1,14 @@
 """The VAE nodes inside a stubbed host: registration, complete declarations, results, interrupt, unload."""
 
-import importlib.util
 import os
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from pack_import import imported_as_comfyui, path_name
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = str(REPO / "custom_nodes" / "bagel-vae-pp").replace(".", "_x_")  # ComfyUI's path-derived name
+PACK_NAME = path_name("bagel-vae-pp")
 
 
 class Interrupted(Exception):
@@ -68,23 +66,14 @@ class Host:
 @pytest.fixture(scope="module")
 def pack():
     host = Host()
-    added = [m for m in host.modules if m not in sys.modules]
-    sys.modules.update(host.modules)
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    try:
-        spec.loader.exec_module(module)
+    with imported_as_comfyui(PACK_NAME, host.modules) as module:
         module.host = host
         # The pack's own engine modules (path-named, as in ComfyUI), not the `bagel_vae_pp` the tests import.
         module.pool = sys.modules[PACK_NAME + ".bagel_vae_pp.pool"]
-        yield module
-    finally:
-        module.pool.shutdown_all()
-        for key in [k for k in sys.modules if k in added or k == PACK_NAME or k.startswith(PACK_NAME + ".")]:
-            del sys.modules[key]
+        try:
+            yield module
+        finally:
+            module.pool.shutdown_all()
 
 
 class FakeVAE:

@@ -1,17 +1,15 @@
 """GET /bagel_vae_pp/status inside a stubbed host: registered on the server's route table, reports the pools."""
 
 import asyncio
-import importlib.util
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from pack_import import imported_as_comfyui, path_name
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = str(REPO / "custom_nodes" / "bagel-vae-pp-routes").replace(".", "_x_")  # path-derived, like ComfyUI
+PACK_NAME = path_name("bagel-vae-pp-routes")
 
 
 class RouteTable:
@@ -51,20 +49,8 @@ def host_modules(routes: RouteTable | None) -> dict:
 
 def import_pack(routes: RouteTable | None):
     """Import the pack as ComfyUI does, with the host stubbed (and a PromptServer when `routes` is given)."""
-    modules = host_modules(routes)
-    added = [m for m in modules if m not in sys.modules]
-    sys.modules.update({m: modules[m] for m in added})
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    try:
-        spec.loader.exec_module(module)
+    with imported_as_comfyui(PACK_NAME, host_modules(routes)) as module:
         return module, sys.modules[PACK_NAME + ".nodes.routes"], sys.modules[PACK_NAME + ".bagel_vae_pp.pool"]
-    finally:
-        for key in [k for k in sys.modules if k in added or k == PACK_NAME or k.startswith(PACK_NAME + ".")]:
-            del sys.modules[key]
 
 
 class TestStatusRoute:

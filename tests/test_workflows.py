@@ -9,14 +9,13 @@ reordering a node's inputs breaks every saved workflow, and this test says which
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import uuid
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from pack_import import imported_as_comfyui
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -81,21 +80,10 @@ def load_pack_registry() -> dict | None:
     init = REPO / "nodes" / "__init__.py"
     if not init.exists() or "NODE_CLASS_MAPPINGS" not in init.read_text():
         return None
-    name = "bagel_vae_pp_pack_under_test"
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    # Stub only the host modules, and remove only what we added: a patch.dict of sys.modules would also drop
-    # torch and the engine on exit, and a second torch import in one process breaks.
-    stubbed = [mod for mod in HOST_MODULES if mod not in sys.modules]
-    sys.modules.update({mod: mock.MagicMock(name=mod) for mod in stubbed})
-    try:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+    stubs = {mod: mock.MagicMock(name=mod) for mod in HOST_MODULES}
+    with imported_as_comfyui("bagel_vae_pp_pack_under_test", stubs) as module:
         mappings = dict(module.NODE_CLASS_MAPPINGS)
         return {node_id: widget_names(cls.INPUT_TYPES()) for node_id, cls in mappings.items()}
-    finally:
-        for key in [k for k in sys.modules if k in stubbed or k == name or k.startswith(name + ".")]:
-            del sys.modules[key]
 
 
 @pytest.fixture(scope="module")
