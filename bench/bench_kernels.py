@@ -204,6 +204,19 @@ def check_int64() -> dict:
     return {"section": "check", "case": f"group_norm {shape} bf16, last group", "ok": ok, "stat_rel": stat_err, **row}
 
 
+def attention_case(row: dict, q, k, v, name: str, rows_idx, deadline: float) -> dict:
+    """Check and time one attention config into `row` (an error or a skip is recorded, not raised); print it."""
+    if time.time() > deadline:
+        row["error"] = "skipped: time budget"
+    else:
+        try:
+            row.update(run_attention(q, k, v, name, rows_idx, check=True))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def attention_section(sizes, configs, finalists: int, deadline: float) -> list[dict]:
     rows = []
     screen = sizes[min(1, len(sizes) - 1)]
@@ -212,15 +225,7 @@ def attention_section(sizes, configs, finalists: int, deadline: float) -> list[d
     rows_idx = torch.randperm(screen[0], device=DEVICE, generator=g)[:256]
     for name in configs:
         row = {"section": "attention", "size": f"{screen[0]}x{screen[1]}", "layout": "engine", "impl": name}
-        if time.time() > deadline:
-            row["error"] = "skipped: time budget"
-        else:
-            try:
-                row.update(run_attention(q, k, v, name, rows_idx, check=True))
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(attention_case(row, q, k, v, name, rows_idx, deadline))
     ok = [r for r in rows if "ms" in r and r["rel"] < 1e-2 and not r.get("unwritten")]
     best = [r["impl"] for r in sorted(ok, key=lambda r: r["ms"])[:finalists]]
     for Lq, L in sizes:
@@ -232,15 +237,7 @@ def attention_section(sizes, configs, finalists: int, deadline: float) -> list[d
                 if (Lq, L) == screen and layout == "engine":
                     continue  # screened above
                 row = {"section": "attention", "size": f"{Lq}x{L}", "layout": layout, "impl": name}
-                if time.time() > deadline:
-                    row["error"] = "skipped: time budget"
-                else:
-                    try:
-                        row.update(run_attention(q, k, v, name, rows_idx, check=True))
-                    except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(attention_case(row, q, k, v, name, rows_idx, deadline))
             del q, k, v
             torch.cuda.empty_cache()
     return rows
