@@ -83,13 +83,6 @@ class WorkerPool:
     def is_running(self) -> bool:
         return bool(self.procs)
 
-    def describe(self) -> str:
-        state = "running" if self.is_running else "stopped"
-        pids = ",".join(str(p.pid) for p in self.procs)
-        return (
-            f"{len(self.spec.devices)} worker(s) on {', '.join(self.spec.devices)}, {self.spec.dtype}, {state} {pids}"
-        )
-
     # ---- lifecycle ----
 
     def start(self) -> None:
@@ -434,11 +427,6 @@ def shutdown_all() -> None:
 
 
 atexit.register(shutdown_all)
-
-
-def pool_status() -> list[str]:
-    with _POOLS_LOCK:
-        return [pool.describe() for pool in _POOLS.values()]
 
 
 def pool_states() -> list[dict]:

@@ -160,13 +160,13 @@ class TestVAENodes:
         pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
             {"samples": torch.randn(1, 16, 2, 2)}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
         )
-        assert any("running" in s for s in pack.pool.pool_status())
+        assert any(state["running"] for state in pack.pool.pool_states())
         pids = [proc.pid for proc in pack.pool.get_pool(cpu2).procs]
         sys.modules["comfy.model_management"].unload_all_models()
         assert pack.host.unloads == 1  # ComfyUI's own unload still runs
-        assert not any("running" in s for s in pack.pool.pool_status())
+        assert not any(state["running"] for state in pack.pool.pool_states())
         assert pids and not any(os.path.exists(f"/proc/{pid}") for pid in pids)  # exited and reaped: memory freed
         (image,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
             {"samples": torch.randn(1, 16, 2, 2)}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
         )  # the next prompt starts the pool again
-        assert image.shape == (1, 16, 16, 3) and any("running" in s for s in pack.pool.pool_status())
+        assert image.shape == (1, 16, 16, 3) and any(state["running"] for state in pack.pool.pool_states())
