@@ -46,7 +46,7 @@ def one_size(rank, world, size, ae, dev):
     bands = plan_bands(h, world)
     a, b = bands[rank]
     z = torch.randn(1, 16, h, h, generator=torch.Generator().manual_seed(size))[:, :, a:b].to(dev, torch.bfloat16)
-    shard = Shard(rank, world, dist.group.WORLD, bands, agree_on_cancel=False)
+    shard = Shard(rank, world, dist.group.WORLD if world > 1 else None, bands, agree_on_cancel=False)
     with torch.inference_mode():
         eager = decode_band(ae, z, shard)
         eager_ms = median_ms(lambda: decode_band(ae, z, shard))

@@ -42,7 +42,7 @@ class SiglipAttention(nn.Module):
         q, k, v = (
             proj(x).view(N, self.n_heads, -1).transpose(0, 1) for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = F.scaled_dot_product_attention(q, k, v)  # [H, N, Dh]
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]  # [H, N, Dh]; 4-D for the fused kernels
         return self.out_proj(out.transpose(0, 1).reshape(N, D))
 
 

@@ -1,0 +1,63 @@
+"""Where does one BAGEL velocity pass spend its GPU time? Full-size random bf16 model, a 1024² latent block
+against a short text context; prints the pass time, the matmul ceiling and the top kernels/ops.
+
+    python bench/profile_bagel.py --size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bagel_vae_pp.bagel.config import CONFIGS  # noqa: E402
+from bagel_vae_pp.bagel.model import EMPTY_CONTEXT  # noqa: E402
+from bagel_vae_pp.bagel.tiny import random_bagel  # noqa: E402
+
+
+def time_ms(fn, repeat=5):
+    times = []
+    for _ in range(repeat + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[1:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--config", default="7b-mot")
+    args = p.parse_args()
+    dev = torch.device("cuda:0")
+    model = random_bagel(CONFIGS[args.config], 0, device=dev, dtype=torch.bfloat16)
+    D = model.params.llm.hidden_size
+    n = (args.size // 16) ** 2
+    with torch.inference_mode():
+        ctx = model.prefill_text(EMPTY_CONTEXT, list(range(1000, 1034)))
+        block = torch.randn(n + 2, D, device=dev, dtype=torch.bfloat16)
+        pass_ms = time_ms(lambda: model.velocity(ctx, block))
+        flop = 2 * n * sum(p.numel() for name, p in model.language_model.named_parameters() if "moe_gen" in name)
+        print(f"velocity pass, {n} latent tokens: {pass_ms:.1f} ms; gen-expert matmul FLOP {flop / 1e12:.1f} T "
+              f"-> {flop / pass_ms / 1e9:.0f} TFLOP/s")  # fmt: skip
+        a = torch.randn(n, D, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(4 * 4736, D, device=dev, dtype=torch.bfloat16)
+        mm = time_ms(lambda: torch.nn.functional.linear(a, w))
+        print(f"linear {n}x{D} @ {D}x{w.shape[0]}: {mm:.2f} ms = {2 * n * D * w.shape[0] / mm / 1e9:.0f} TFLOP/s")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.velocity(ctx, block)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
