@@ -33,7 +33,7 @@ class Shard:
     group: dist.ProcessGroup | None  # None when world == 1
     latent_bands: list[tuple[int, int]]  # every rank's band at latent (mid-block) resolution
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
-    on_layer: Callable[[], None] = field(default=lambda: None)
+    on_layer: Callable[..., None] = field(default=lambda n=1: None)  # n layers done
     flags: deque = field(default_factory=deque)  # (event or None, host tensor) per GroupNorm, oldest first
     shares: Tensor | None = None  # cache of row_shares
     # False inside a CUDA-graph capture, where no host read may happen; the caller checks between replays.
@@ -70,6 +70,15 @@ class Shard:
                 raise JobCancelled("cancelled")
 
 
+def agree_cancel(shard: Shard, device: torch.device) -> None:
+    """Raise JobCancelled on every rank if any rank sees the cancel flag now (a host sync: between graphs)."""
+    flag = torch.tensor([float(shard.is_cancelled())], device=device)
+    if shard.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=shard.group)
+    if flag.item():
+        raise JobCancelled("cancelled")
+
+
 # torch 2.13 renamed all_gather_into_tensor; the GPU machines run 2.11, which has only the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -89,14 +98,16 @@ def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
     """
     if shard.world == 1:
         return (lambda: (None, None)) if async_op else (None, None)
-    edges = torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2)  # [B, C, 2, W]
-    gathered, work = all_gather_stacked(edges, shard, async_op)  # [world, B, C, 2, W]
+    # Rows travel pixel-major ([B, 2, W, C]): a copy-free view of a channels_last band, whose rows are
+    # contiguous, and they come back as channels_last views again. (An NCHW band pays a 2-row copy.)
+    edges = torch.cat([x[:, :, :1], x[:, :, -1:]], dim=2).permute(0, 2, 3, 1)  # [B, 2, W, C]
+    gathered, work = all_gather_stacked(edges, shard, async_op)  # [world, B, 2, W, C]
 
     def rows():
         if work is not None:
             work.wait()
-        top = gathered[shard.rank - 1][:, :, 1:2] if shard.rank > 0 else None
-        bottom = gathered[shard.rank + 1][:, :, 0:1] if shard.rank < shard.world - 1 else None
+        top = gathered[shard.rank - 1][:, 1:2].permute(0, 3, 1, 2) if shard.rank > 0 else None
+        bottom = gathered[shard.rank + 1][:, 0:1].permute(0, 3, 1, 2) if shard.rank < shard.world - 1 else None
         return top, bottom
 
     return rows if async_op else rows()

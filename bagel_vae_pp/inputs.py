@@ -56,13 +56,13 @@ def resolve_dtype(name: str, devices: tuple[str, ...]) -> str:
     return "bf16" if devices[0].startswith("cuda") else "fp32"
 
 
-def check_finite(name: str, x: Tensor) -> None:
+def non_finite_error(name: str, x: Tensor) -> ValueError:
+    """The error for an input found to hold NaN/Inf (the pool finds it while staging the input)."""
     bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise ValueError(
-            f"{name}: contains {bad} NaN/Inf value(s); a VAE cannot turn them into pixels. "
-            "Check the node that produced it (a diverged sampler or an fp16 overflow upstream)."
-        )
+    return ValueError(
+        f"{name}: contains {bad} NaN/Inf value(s); a VAE cannot turn them into pixels. "
+        "Check the node that produced it (a diverged sampler or an fp16 overflow upstream)."
+    )
 
 
 def check_latent(latent: Tensor, params: AutoEncoderParams) -> Tensor:
@@ -82,9 +82,7 @@ def check_latent(latent: Tensor, params: AutoEncoderParams) -> Tensor:
             f"samples: the latent has {C} channels but this VAE takes {params.z_channels}; "
             "use the VAE of the model that made the latent."
         )
-    latent = latent.detach().to("cpu", torch.float32).contiguous()
-    check_finite("samples", latent)
-    return latent
+    return latent.detach().to("cpu", torch.float32).contiguous()
 
 
 def prepare_pixels(pixels: Tensor, params: AutoEncoderParams) -> Tensor:
@@ -102,9 +100,7 @@ def prepare_pixels(pixels: Tensor, params: AutoEncoderParams) -> Tensor:
         raise ValueError(f"pixels: the image is {W}x{H}; the VAE needs at least {s}x{s} pixels.")
     top, left = (H % s) // 2, (W % s) // 2
     pixels = pixels[:, top : top + H // s * s, left : left + W // s * s, :3]
-    pixels = pixels.detach().to("cpu", torch.float32).contiguous()
-    check_finite("pixels", pixels)
-    return pixels
+    return pixels.detach().to("cpu", torch.float32).contiguous()
 
 
 def check_tiles(mode: str, tile_px: int, overlap_px: int, downscale: int) -> None:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import graphs
 from .autoencoder import AutoEncoder
 from .bands import blend_weights, plan_bands, plan_tile_rows, plan_tiles
-from .collectives import JobCancelled, Shard
+from .collectives import JobCancelled, Shard, agree_cancel
+from .graphs import GraphCache
 from .sharded import count_layers, decode_band, encode_band
 
 
@@ -30,6 +32,11 @@ class Rank:
     dtype: torch.dtype
     is_cancelled: Callable[[], bool]
     report: Callable[[int, int], None]  # (done, total) progress, only rank 0's is shown
+    graphs: GraphCache | None = None  # this worker's CUDA graphs of small bands (None: always eager)
+    memory_format: torch.memory_format = torch.contiguous_format  # the model's and the bands' layout
+
+    def to_band(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype).contiguous(memory_format=self.memory_format)
 
 
 def to_image(x: Tensor) -> Tensor:
@@ -47,38 +54,66 @@ def band_shard(r: Rank, bands: list[tuple[int, int]], scale: int, on_layer) -> S
 def progress_counter(r: Rank, total: int):
     done = [0]
 
-    def tick():
-        done[0] += 1
+    def tick(n: int = 1):
+        done[0] += n
         if r.rank == 0:
             r.report(done[0], total)
 
     return tick
 
 
+def band_runner(r: Rank, shard: Shard, op: str, forward: Callable[[Tensor], Tensor], band_px: int, layers: int):
+    """forward itself, or its CUDA graph for this band shape when the band is small (see graphs.py).
+
+    A replay fires no per-layer callbacks, so the ranks agree on cancelling before it and progress
+    advances by a whole band after it."""
+    if r.graphs is None or not graphs.wanted(r.device, band_px):
+        return forward
+
+    def replay(x: Tensor) -> Tensor:
+        agree_cancel(shard, x.device)
+        key = (op, tuple(x.shape), x.dtype, r.dtype, shard.rank, tuple(shard.latent_bands))
+        out = r.graphs.run(key, forward, x, shard)
+        shard.on_layer(layers)
+        return out
+
+    return replay
+
+
 def exact_decode(ae: AutoEncoder, latent: Tensor, out: Tensor, r: Rank) -> None:
     B, _, h, _ = latent.shape
     s = ae.params.downscale
     bands = plan_bands(h, r.world)
-    shard = band_shard(r, bands, 1, progress_counter(r, B * count_layers(ae, "decode")))
+    layers = count_layers(ae, "decode")
+    shard = band_shard(r, bands, 1, progress_counter(r, B * layers))
     if shard is None:
         return
     a, b = bands[r.rank]
+
+    def forward(z: Tensor) -> Tensor:  # [1, z, rows, w] float32 on the device -> IMAGE rows [8*rows, 8*w, 3]
+        return to_image(decode_band(ae, r.to_band(z), shard)[0])
+
+    run = band_runner(r, shard, "decode", forward, (b - a) * s * latent.shape[3] * s, layers)
     for i in range(B):
-        z = latent[i : i + 1, :, a:b].to(r.device, r.dtype)  # [1, z, rows, w]
-        out[i, a * s : b * s].copy_(to_image(decode_band(ae, z, shard)[0]))
+        out[i, a * s : b * s].copy_(run(latent[i : i + 1, :, a:b].to(r.device)))
 
 
 def exact_encode(ae: AutoEncoder, pixels: Tensor, out: Tensor, r: Rank) -> None:
     B, H, _, _ = pixels.shape
     s = ae.params.downscale
     bands = plan_bands(H, r.world, unit=s)
-    shard = band_shard(r, bands, s, progress_counter(r, B * count_layers(ae, "encode")))
+    layers = count_layers(ae, "encode")
+    shard = band_shard(r, bands, s, progress_counter(r, B * layers))
     if shard is None:
         return
     a, b = bands[r.rank]
+
+    def forward(x: Tensor) -> Tensor:  # IMAGE rows [rows, W, 3] float32 on the device -> latent [z, rows/8, W/8]
+        return encode_band(ae, r.to_band(x.permute(2, 0, 1)[None] * 2.0 - 1.0), shard)[0]
+
+    run = band_runner(r, shard, "encode", forward, (b - a) * pixels.shape[2], layers)
     for i in range(B):
-        x = pixels[i, a:b].to(r.device).permute(2, 0, 1)[None] * 2.0 - 1.0  # [1, 3, rows, W]
-        out[i, :, a // s : b // s].copy_(encode_band(ae, x.to(r.dtype), shard)[0])
+        out[i, :, a // s : b // s].copy_(run(pixels[i, a:b].to(r.device)))
 
 
 def tiled(run_tile, inp_hw, tile: int, overlap: int, unit: int, scale: float, out_rows_first: bool, out, r: Rank):

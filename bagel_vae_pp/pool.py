@@ -26,11 +26,11 @@ from multiprocessing import Pipe
 from multiprocessing.connection import wait
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import shm
 from .autoencoder import AutoEncoderParams, detect_params, strip_prefixes
-from .inputs import check_latent, check_tiles, parse_devices, prepare_pixels, resolve_dtype
+from .inputs import check_latent, check_tiles, non_finite_error, parse_devices, prepare_pixels, resolve_dtype
 from .worker import CANCEL, DONE, TOTAL
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +78,7 @@ class WorkerPool:
         self.last_replies: list[dict] = []  # the workers' replies to the last job (timings, peak memory)
         self.last_timing: dict = {}
         self.owing: dict = {}  # rank -> conn of a cancelled job whose reply has not been read yet
+        self.staged: tuple[str, Tensor] | None = None  # the input file kept across jobs, and its mapping
 
     @property
     def is_running(self) -> bool:
@@ -161,6 +162,7 @@ class WorkerPool:
             conn.close()
         self.procs, self.conns, self.owing = [], [], {}
         self.control = None
+        self.staged = None
         self.vae_ref, self.vae_params = None, None
         if self.dir:
             shm.remove_dir(self.dir)
@@ -306,10 +308,12 @@ class WorkerPool:
                 make_room(self.spec.devices, self.peak_bytes_per_worker(op, image_px, mode, tile_px))
             checked = time.time()
             self.job_id += 1
-            paths = [os.path.join(self.dir, f"job{self.job_id}.{name}") for name in ("in", "out")]
+            in_path, staged = self.input_buffer(tuple(data.shape))
+            if not shm.copy_in_checked(staged, data):
+                raise non_finite_error("samples" if op == "decode" else "pixels", data)
+            out_path = os.path.join(self.dir, f"job{self.job_id}.out")
             try:
-                shm.create(paths[0], tuple(data.shape)).copy_(data)
-                out = shm.create(paths[1], out_shape)
+                out = shm.create(out_path, out_shape)
                 self.control[DONE], self.control[TOTAL] = 0, 0
                 job = {
                     "op": op,
@@ -317,9 +321,9 @@ class WorkerPool:
                     "mode": mode,
                     "tile_px": tile_px,
                     "overlap_px": overlap_px,
-                    "input": paths[0],
+                    "input": in_path,
                     "input_shape": list(data.shape),
-                    "output": paths[1],
+                    "output": out_path,
                     "output_shape": list(out_shape),
                 }
                 staged = time.time()
@@ -329,9 +333,19 @@ class WorkerPool:
                 )
                 self.last_timing = timing(entered, checked, staged, self.last_replies)
             finally:
-                for path in paths:
-                    shm.unlink(path)
+                shm.unlink(out_path)
             return out
+
+    def input_buffer(self, shape: tuple[int, ...]) -> tuple[str, Tensor]:
+        """The shared file for a job's input, kept while jobs keep its shape: the first write to a fresh file
+        takes a page fault per 4 KiB (15 ms for a 16 MB latent on a GPU VM); the workers keep it mapped too."""
+        if self.staged is None or tuple(self.staged[1].shape) != shape:
+            if self.staged is not None:
+                shm.unlink(self.staged[0])
+                self.staged = None
+            path = os.path.join(self.dir, f"input{self.job_id}")
+            self.staged = (path, shm.create(path, shape))
+        return self.staged
 
     def deadline_s(self, out_shape, op) -> float:
         pixels = math.prod(out_shape[:3]) if op == "decode" else math.prod(out_shape[:1] + out_shape[2:]) * 64

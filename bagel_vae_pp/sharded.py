@@ -8,6 +8,8 @@ attend to keys/values gathered from every rank. With one rank this is the plain 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +27,8 @@ from .autoencoder import (
     to_tokens,
 )
 from .collectives import Shard, exchange_halo, gather_tokens, group_stats
+
+ATTENTION_SWITCH = "BAGEL_VAE_PP_ATTENTION"  # "gemm" (default on GPUs) or "flash"
 
 
 def conv3x3(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
@@ -87,7 +91,9 @@ def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
     q = linear_1x1(attn.q, h)  # [B, H*W, C]
     k = gather_tokens(linear_1x1(attn.k, h), shard)  # [B, L, C]
     v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L, C]
-    h = kernels.attention(q, k, v)  # [B, H*W, C]
+    # On GPUs the GEMM form beats the flash kernel at D = 512 (kernels/gemm_attention.py); "flash" compares.
+    use_gemm = q.is_cuda and os.environ.get(ATTENTION_SWITCH, "gemm") == "gemm"
+    h = (kernels.gemm_attention if use_gemm else kernels.attention)(q, k, v)  # [B, H*W, C]
     return x + from_tokens(linear_1x1(attn.proj_out, h), H, W)
 
 

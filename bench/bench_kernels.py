@@ -4,7 +4,8 @@ One run on one GPU: (1) the two ceilings (device copy GB/s, bf16 matmul TFLOP/s)
 both kernels on odd shapes, both q/k/v layouts, fp16/bf16/fp32; (3) the D=512 mid-block attention at
 (Lq, L) = (4096, 16384), (16384, 65536), (65536, 262144): every config screened at the middle size in the
 engine's layout, the fastest few at every size in both layouts, and SDPA on contiguous inputs;
-(4) GroupNorm statistics and fused apply(+SiLU) at band shapes, every config, and the torch code path.
+(4) GroupNorm statistics and fused apply(+SiLU) at band shapes, the same values in NCHW and in channels_last
+(NHWC), every config of each layout's kernels, and the torch code path.
 Errors: ||out - ref|| / ||ref|| and max abs against float64 (attention: on 256 random query rows).
 Outputs are poisoned with NaN before each checked run. Times: median over repeats, CUDA events.
 Prints a markdown table last; --out writes JSON lines.
@@ -36,6 +37,7 @@ D = 512
 ATTN_SIZES = [(4096, 16384), (16384, 65536), (65536, 262144)]
 GN_SHAPES = [(1, 128, 1024, 4096), (1, 256, 1024, 4096), (1, 512, 512, 2048)]
 GROUPS = 32
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 def median_ms(fn, budget_ms: float = 300.0, max_reps: int = 50) -> float:
@@ -171,37 +173,57 @@ def self_check() -> list[dict]:
     ]:
         x = (torch.randn(shape, device=DEVICE) * 3 + 2).to(dtype)
         w, b = torch.randn(shape[1], device=DEVICE) + 1, torch.randn(shape[1], device=DEVICE)
-        mean, var = gn_mod.group_stats(x, GROUPS)
         ref_var, ref_mean = torch.var_mean(x.reshape(shape[0], GROUPS, -1).double(), -1, correction=0)
-        stat_err = stats_error(mean, var, ref_mean, ref_var)
-        rstd = torch.rsqrt(var + 1e-6)
-        y = gn_mod.group_norm_apply(x, mean, rstd, w, b, GROUPS, silu=silu)
         ref = F.group_norm(x.double(), GROUPS, w.double(), b.double(), eps=1e-6)
-        row = errors(y, F.silu(ref) if silu else ref)
-        ok = stat_err < 1e-5 and row["rel"] < (1e-5 if dtype == torch.float32 else 1e-2) and not row["nan"]
-        rows.append({"section": "check", "case": f"group_norm {shape} {dtype} silu={silu}", "ok": ok,
-                     "stat_rel": stat_err, **row})  # fmt: skip
-    return rows + [check_int64()]
+        ref = F.silu(ref) if silu else ref
+        for layout, memory_format in MEMORY_FORMATS.items():
+            xl = x.contiguous(memory_format=memory_format)
+            mean, var = gn_mod.group_stats(xl, GROUPS)
+            stat_err = stats_error(mean, var, ref_mean, ref_var)
+            y = gn_mod.group_norm_apply(xl, mean, torch.rsqrt(var + 1e-6), w, b, GROUPS, silu=silu)
+            row = errors(y, ref)
+            ok = stat_err < 1e-5 and row["rel"] < (1e-5 if dtype == torch.float32 else 1e-2) and not row["nan"]
+            ok = ok and y.is_contiguous(memory_format=memory_format)
+            rows.append({"section": "check", "case": f"group_norm {layout} {shape} {dtype} silu={silu}", "ok": ok,
+                         "stat_rel": stat_err, **row})  # fmt: skip
+    return rows + check_int64()
 
 
-def check_int64() -> dict:
-    """GroupNorm on 2.25 G elements (past int32 offsets; a full 4096^2 map at 128 channels is 2^31): last group."""
+def check_int64() -> list[dict]:
+    """GroupNorm on 2.25 G elements (past int32 offsets; a full 4096^2 map at 128 channels is 2^31).
+
+    NCHW: the last group, whose offsets are all past 2^31. NHWC: the group statistics (every group ends in
+    the last pixels, past 2^31) and the last rows of the output, all channels.
+    """
     shape = (1, 128, 4096, 4296)
     x = torch.empty(shape, device=DEVICE, dtype=torch.bfloat16).normal_(2.0, 3.0)
     w, b = torch.randn(shape[1], device=DEVICE) + 1, torch.randn(shape[1], device=DEVICE)
-    mean, var = gn_mod.group_stats(x, GROUPS)
     per = shape[1] // GROUPS
-    tail = x[:, -per:]  # the last group, whose offsets are all past 2^31
-    ref_var, ref_mean = torch.var_mean(tail.double(), correction=0)
-    stat_err = stats_error(mean[:, -1], var[:, -1], ref_mean, ref_var)
-    rstd = torch.rsqrt(var + 1e-6)
-    y = gn_mod.group_norm_apply(x, mean, rstd, w, b, GROUPS, silu=True)[:, -per:]
-    ref = (tail.double() - mean[0, -1].double()) * rstd[0, -1].double() * w[-per:, None, None].double()
-    row = errors(y, F.silu(ref + b[-per:, None, None].double()))
-    del x, y, tail
-    torch.cuda.empty_cache()
-    ok = stat_err < 1e-5 and row["rel"] < 1e-2 and not row["nan"]
-    return {"section": "check", "case": f"group_norm {shape} bf16, last group", "ok": ok, "stat_rel": stat_err, **row}
+    by_group = [torch.var_mean(x[:, g * per : (g + 1) * per].double(), correction=0) for g in range(GROUPS)]
+    ref_var, ref_mean = (torch.stack(r)[None] for r in zip(*by_group))  # [1, G]; float64 one group at a time
+    rows = []
+    for layout, memory_format in MEMORY_FORMATS.items():
+        xl = x.contiguous(memory_format=memory_format)
+        mean, var = gn_mod.group_stats(xl, GROUPS)
+        if layout == "nchw":
+            stat_err = stats_error(mean[:, -1], var[:, -1], ref_mean[:, -1], ref_var[:, -1])
+            part, cs, hs, where = xl[:, -per:], slice(-per, None), slice(None), "last group"
+        else:
+            stat_err = stats_error(mean, var, ref_mean, ref_var)
+            part, cs, hs, where = xl[:, :, -64:], slice(None), slice(-64, None), "all groups, last 64 rows"
+        rstd = torch.rsqrt(var + 1e-6)
+        y = gn_mod.group_norm_apply(xl, mean, rstd, w, b, GROUPS, silu=True)
+        layout_ok = y.is_contiguous(memory_format=memory_format)
+        channel_group = torch.arange(shape[1], device=DEVICE)[cs] // per
+        scale = rstd[0, channel_group].double() * w[cs].double()
+        ref = (part.double() - mean[0, channel_group, None, None].double()) * scale[:, None, None]
+        row = errors(y[:, cs, hs], F.silu(ref + b[cs, None, None].double()))
+        del xl, y, part
+        torch.cuda.empty_cache()
+        ok = stat_err < 1e-5 and row["rel"] < 1e-2 and not row["nan"] and layout_ok
+        rows.append({"section": "check", "case": f"group_norm {layout} {shape} bf16, {where}", "ok": ok,
+                     "stat_rel": stat_err, **row})  # fmt: skip
+    return rows
 
 
 def attention_case(row: dict, q, k, v, name: str, rows_idx, deadline: float) -> dict:
@@ -260,14 +282,15 @@ def apply_errors(y, x, mean, rstd, w, b) -> dict:
 
 
 def gn_case(op: str, name: str, x, mean, rstd, w, b):
-    """The callable timed for one GroupNorm row: the torch code path or a kernel config."""
+    """The callable timed for one GroupNorm row: the torch code path (as the fallback runs it) or a kernel config."""
     B = x.shape[0]
     if op == "stats" and name == "torch":
         return lambda: torch.var_mean(x.reshape(B, GROUPS, -1).float(), -1, correction=0)[::-1]
     if op == "stats":
         return lambda: gn_mod.group_stats(x, GROUPS, config=name)
     if name == "torch":
-        return lambda: gn_mod._apply_torch(x, mean, rstd, w, b, GROUPS, True)
+        memory_format = torch.channels_last if gn_mod._is_nhwc(x) else torch.contiguous_format
+        return lambda: gn_mod._apply_torch(x, mean, rstd, w, b, GROUPS, True).contiguous(memory_format=memory_format)
     return lambda: gn_mod.group_norm_apply(x, mean, rstd, w, b, GROUPS, silu=True, config=name)
 
 
@@ -276,6 +299,11 @@ def stats_error(mean, var, ref_mean, ref_var) -> float:
 
 
 def group_norm_section(shapes, deadline: float) -> list[dict]:
+    """Every shape in NCHW and in NHWC (the same values): the torch code path and every config of the layout."""
+    configs = {
+        "nchw": (gn_mod.STATS_CONFIGS, gn_mod.APPLY_CONFIGS),
+        "nhwc": (gn_mod.NHWC_STATS_CONFIGS, gn_mod.NHWC_APPLY_CONFIGS),
+    }
     rows = []
     for shape in shapes:
         x = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) * 3 + 2).contiguous()
@@ -284,27 +312,35 @@ def group_norm_section(shapes, deadline: float) -> list[dict]:
         nbytes = x.numel() * x.element_size()
         ref_var, ref_mean = torch.var_mean(x.reshape(shape[0], GROUPS, -1).double(), -1, correction=0)
         mean, rstd = ref_mean.float(), torch.rsqrt(ref_var.float() + 1e-6)
-        cases = [("stats", n) for n in ["torch", *gn_mod.STATS_CONFIGS]]
-        cases += [("apply+silu", n) for n in ["torch", *gn_mod.APPLY_CONFIGS]]
-        for op, name in cases:
-            row = {"section": "group_norm", "size": "x".join(map(str, shape)), "layout": op, "impl": name}
-            rows.append(row)
-            if time.time() > deadline:
-                row["error"] = "skipped: time budget"
-                continue
-            fn = gn_case(op, name, x, mean, rstd, w, b)
-            if op == "stats":
-                row["rel"] = stats_error(*fn(), ref_mean, ref_var)
-                row["ms"] = median_ms(fn)
-                row["gbps"] = nbytes / row["ms"] / 1e6
-            else:
-                poison = torch.full_like(x, float("nan"))
-                del poison  # the caching allocator hands this block to the output next
-                row.update(apply_errors(fn(), x, mean, rstd, w, b))
-                row["ms"] = median_ms(fn)
-                row["gbps"] = 2 * nbytes / row["ms"] / 1e6
-            print(json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
+        for layout, memory_format in MEMORY_FORMATS.items():
+            xl = x.contiguous(memory_format=memory_format)
+            stats_configs, apply_configs = configs[layout]
+            cases = [("stats", n) for n in ["torch", *stats_configs]]
+            cases += [("apply+silu", n) for n in ["torch", *apply_configs]]
+            for op, name in cases:
+                row = {"section": "group_norm", "size": "x".join(map(str, shape)), "layout": f"{op} {layout}",
+                       "impl": name}  # fmt: skip
+                rows.append(row)
+                if time.time() > deadline:
+                    row["error"] = "skipped: time budget"
+                    continue
+                fn = gn_case(op, name, xl, mean, rstd, w, b)
+                if op == "stats":
+                    row["rel"] = stats_error(*fn(), ref_mean, ref_var)
+                    row["ms"] = median_ms(fn)
+                    row["gbps"] = nbytes / row["ms"] / 1e6
+                else:
+                    poison = torch.full_like(xl, float("nan"))
+                    del poison  # the caching allocator hands this block to the output next
+                    y = fn()
+                    row.update(apply_errors(y, xl, mean, rstd, w, b))
+                    row["layout_kept"] = y.is_contiguous(memory_format=memory_format)
+                    del y
+                    row["ms"] = median_ms(fn)
+                    row["gbps"] = 2 * nbytes / row["ms"] / 1e6
+                print(json.dumps(row), flush=True)
+            del xl
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -52,8 +52,8 @@ def main():
             cells = []
             for benchmark in (False, True):
                 torch.backends.cudnn.benchmark = benchmark
-                nchw = time_ms(lambda: F.conv2d(x, wt, bias, padding=1))
-                nhwc = time_ms(lambda: F.conv2d(xl, wl, bias, padding=1))
+                nchw = time_ms(lambda x=x, wt=wt, bias=bias: F.conv2d(x, wt, bias, padding=1))
+                nhwc = time_ms(lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1))
                 cells.append((nchw, nhwc))
             (n0, h0), (n1, h1) = cells
             same = (F.conv2d(x, wt, bias, padding=1) - F.conv2d(xl, wl, bias, padding=1)).abs().max().item()

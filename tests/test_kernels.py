@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bagel_vae_pp import kernels
+from bagel_vae_pp.kernels.gemm_attention import softmax_rows
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -194,6 +195,134 @@ class TestGroupNormKernels:
         assert rel_err(out, ref) < 1e-5
 
 
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@needs_triton
+class TestGroupNormKernelsNHWC:
+    """The channels_last GroupNorm kernels under the interpreter: [pixels, C] tiles, groups sorted per program."""
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize(
+        "shape, groups, programs",
+        [
+            ((2, 64, 7, 9), 32, 2),  # one full step of 32 pixels and a ragged tail
+            ((2, 128, 13, 21), 8, 3),  # two slices a sample, 144 + 129 pixels at 16 a step: 1-pixel tail
+            ((2, 32, 10, 30), 32, 2),  # one channel per group
+            ((1, 96, 5, 11), 32, 4096),  # C not a power of two: padded to 128, 3 channels per group; 4 slices
+            ((1, 48, 9, 10), 8, 2),  # padded, 6 channels per group
+        ],
+    )
+    def test_stats_match_fp64(self, interp, monkeypatch, dtype, shape, groups, programs):
+        gn = interp[1]
+        monkeypatch.setattr(gn, "STATS_PROGRAMS", programs)
+        torch.manual_seed(sum(shape) + programs)
+        x = channels_last((torch.randn(shape) * 3 + 2).to(dtype))
+        assert gn._kernel_layout(x) == "nhwc"
+        mean, var = gn.group_stats(x, groups, config="b2048w4")
+        ref_mean, ref_var = stats64(x, groups)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == (shape[0], groups)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+
+    def test_stats_large_mean_small_spread(self, interp, monkeypatch):
+        """mean 1000, std 0.01: a sum of squares in fp32 would lose every digit of the variance."""
+        gn = interp[1]
+        monkeypatch.setattr(gn, "STATS_PROGRAMS", 2)
+        torch.manual_seed(12)
+        x = channels_last(torch.randn(1, 64, 24, 40) * 0.01 + 1000)
+        mean, var = gn.group_stats(x, 8, config="b2048w4")
+        ref_mean, ref_var = stats64(x, 8)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize("silu", [False, True])
+    def test_apply_matches_torch_path(self, interp, dtype, silu):
+        torch.manual_seed(15 + int(silu))
+        B, C, H, W, G = 2, 64, 13, 21, 8  # 273 pixels: the last tile of 32 is ragged
+        x = channels_last((torch.randn(B, C, H, W) * 3 + 2).to(dtype))
+        mean, var = stats64(x, G)
+        mean, rstd = mean.float(), torch.rsqrt(var.float() + 1e-6)
+        w = (torch.randn(C) + 1).to(dtype)
+        b = torch.randn(C).to(dtype)
+        out = interp[0].group_norm_apply(x, mean, rstd, w, b, G, silu=silu, config="b2048w4")
+        assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, interp[1]._apply_torch(x, mean, rstd, w, b, G, silu))  # an ulp apart at most
+        assert rel_err(out, apply64(x, mean, rstd, w, b, G, silu)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    def test_apply_writes_every_element(self, interp, monkeypatch):
+        """Output poisoned with NaN; padded channels (C = 96) and a ragged last tile must not leave holes."""
+        monkeypatch.setattr(torch, "empty_like", lambda t: torch.full_like(t, float("nan")))
+        torch.manual_seed(17)
+        B, C, H, W, G = 2, 96, 7, 5, 32
+        x = channels_last(torch.randn(B, C, H, W) * 2 + 1)
+        mean, var = stats64(x, G)
+        mean, rstd = mean.float(), torch.rsqrt(var.float() + 1e-6)
+        w, b = torch.randn(C) + 1, torch.randn(C)
+        out = interp[0].group_norm_apply(x, mean, rstd, w, b, G, silu=True, config="b2048w4")
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.isnan().any()
+        assert rel_err(out, apply64(x, mean, rstd, w, b, G, True)) < 1e-5
+
+    def test_apply_without_affine(self, interp):
+        torch.manual_seed(19)
+        x = channels_last(torch.randn(1, 32, 5, 7) * 2 - 1)
+        mean, var = stats64(x, 8)
+        rstd = torch.rsqrt(var.float() + 1e-6)
+        out = interp[0].group_norm_apply(x, mean.float(), rstd, None, None, 8)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(out, F.group_norm(x.double(), 8, eps=1e-6)) < 1e-5
+
+    def test_layouts_agree(self, interp):
+        """The same values in NCHW and NHWC give the same statistics and the same output."""
+        torch.manual_seed(23)
+        x = (torch.randn(1, 32, 6, 7) * 3 + 2).bfloat16()
+        w, b = torch.randn(32) + 1, torch.randn(32)
+        outs = []
+        for t in (x, channels_last(x)):
+            mean, var = interp[0].group_stats(t, 8)
+            outs.append(interp[0].group_norm_apply(t, mean, torch.rsqrt(var + 1e-6), w, b, 8, silu=True))
+        torch.testing.assert_close(outs[1], outs[0])
+        assert outs[0].is_contiguous() and outs[1].is_contiguous(memory_format=torch.channels_last)
+
+    def test_dispatch(self, interp):
+        """C == 1 or H*W == 1 is contiguous both ways and keeps the NCHW kernels; other strides take torch."""
+        layout = interp[1]._kernel_layout
+        x = torch.randn(2, 8, 4, 6)
+        assert layout(x) == "nchw" and layout(channels_last(x)) == "nhwc"
+        assert layout(channels_last(torch.randn(2, 1, 4, 6))) == "nchw"
+        assert layout(channels_last(torch.randn(2, 8, 1, 1))) == "nchw"
+        assert layout(x.transpose(2, 3)) is None and layout(x.double()) is None
+        assert layout(torch.randn(2, 8, 5)) == "nchw" and layout(torch.randn(2, 8, 5).transpose(1, 2)) is None
+
+
+@needs_triton
+class TestGemmAttentionKernel:
+    """The GEMM-form attention (kernels/gemm_attention.py): its Triton row softmax under the interpreter."""
+
+    @pytest.mark.parametrize("L", [1, 2047, 2500, 4096])
+    def test_softmax_rows_matches_fp64(self, interp, L):
+        torch.manual_seed(L)
+        s = torch.randn(5, L) * 40 + 7  # spread wide enough that most exp() underflow
+        s[1] *= 1e3
+        p = softmax_rows(s, 0.125, torch.bfloat16)
+        ref = torch.softmax(s.double() * 0.125, dim=-1)
+        assert p.dtype == torch.bfloat16 and p.shape == s.shape
+        assert (p.double() - ref).abs().max().item() < 4e-3
+        assert torch.allclose(p.double().sum(-1), torch.ones(5, dtype=torch.float64), atol=2e-2)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_matches_fp64_sdpa_over_query_blocks(self, interp, dtype):
+        torch.manual_seed(5)
+        q = (torch.randn(2, 70, 512) * 2 + 0.5).to(dtype)
+        k = (torch.randn(2, 300, 512) + 0.3).to(dtype)
+        v = (torch.randn(2, 300, 512) * 3 + 2).to(dtype)
+        out = interp[0].gemm_attention(q, k, v, score_bytes=4 * 300 * 16)  # 16 query rows a block: 5 blocks
+        assert out.dtype == dtype and out.shape == q.shape
+        assert rel_err(out, sdpa64(q[:, None], k[:, None], v[:, None])[:, 0]) < 1e-2
+
+
 class TestFallbacks:
     """Without Triton or off the interpreter, CPU tensors take the torch code."""
 
@@ -201,6 +330,13 @@ class TestFallbacks:
     def plain_cpu(self, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         assert not kernels.is_available("cpu")
+
+    def test_gemm_attention_is_sdpa(self):
+        torch.manual_seed(22)
+        q, k, v = ((torch.randn(2, n, 512) * 2 + 1).to(torch.bfloat16) for n in (30, 50, 50))
+        out = kernels.gemm_attention(q, k, v, score_bytes=4 * 50 * 8)  # 8 query rows a block
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out, sdpa64(q[:, None], k[:, None], v[:, None])[:, 0]) < 1e-2
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_attention_is_sdpa(self, dtype):
@@ -222,6 +358,14 @@ class TestFallbacks:
         out = kernels.group_norm_apply(x, mean, rstd, w, b, G, silu=True)
         ref = F.silu(F.group_norm(x.double(), G, w.double(), b.double(), eps=1e-6))
         assert out.dtype == dtype and rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    def test_group_norm_keeps_channels_last(self):
+        torch.manual_seed(24)
+        x = (torch.randn(2, 32, 5, 6) * 3 + 2).contiguous(memory_format=torch.channels_last)
+        mean, var = kernels.group_stats(x, 8)
+        out = kernels.group_norm_apply(x, mean, torch.rsqrt(var + 1e-6), None, None, 8)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(out, F.group_norm(x.double(), 8, eps=1e-6)) < 1e-5
 
     def test_groups_must_divide_channels(self):
         x = torch.randn(1, 12, 4, 4)

@@ -26,6 +26,7 @@ def is_available(device: torch.device | str) -> bool:
 
 
 from .attention import attention  # noqa: E402
+from .gemm_attention import gemm_attention  # noqa: E402
 from .group_norm import group_norm_apply, group_stats  # noqa: E402
 
-__all__ = ["attention", "group_norm_apply", "group_stats", "is_available"]
+__all__ = ["attention", "gemm_attention", "group_norm_apply", "group_stats", "is_available"]

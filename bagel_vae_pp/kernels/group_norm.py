@@ -9,6 +9,10 @@ squares anywhere, so a large mean next to a small spread does not cancel.
 `group_norm_apply` mirrors the arithmetic of `sharded.group_norm` after the statistics,
 y = (x - mean_g) * (rstd_g * w_c) + b_c in fp32, optional SiLU, cast back: one read of x, one write.
 
+Both take NCHW-contiguous tensors and 4-D channels_last (NHWC) ones, each with its own kernels: in NHWC a
+group is not contiguous, so a program reads whole pixels (all C channels, a [pixels, C] tile, coalesced)
+and sorts the channels into groups itself. The output keeps x's memory format.
+
 All offsets are 64-bit (a 1x256x4096x4096 map has 4.3 G elements). Fallback: the torch code.
 """
 
@@ -45,22 +49,31 @@ class GNConfig:
 STATS_CONFIGS = {c.name: c for c in (GNConfig(4096, 8), GNConfig(2048, 4), GNConfig(8192, 8), GNConfig(4096, 4))}
 APPLY_CONFIGS = {c.name: c for c in (GNConfig(4096, 8), GNConfig(2048, 4), GNConfig(8192, 8), GNConfig(4096, 4))}
 DEFAULT_STATS, DEFAULT_APPLY = "b4096w8", "b4096w8"
+# NHWC: block counts the elements of a [pixels, padded C] tile, so C = 512 takes 8 pixels a step at b4096.
+# Bigger tiles amortise the per-channel loads of apply; none of these spills on sm_90 (C = 128..512).
+_NHWC = (GNConfig(4096, 8), GNConfig(8192, 8), GNConfig(2048, 4), GNConfig(4096, 4))
+NHWC_STATS_CONFIGS = {c.name: c for c in (*_NHWC, GNConfig(16384, 16))}
+NHWC_APPLY_CONFIGS = {c.name: c for c in (*_NHWC, GNConfig(16384, 8))}
+DEFAULT_NHWC_STATS, DEFAULT_NHWC_APPLY = "b4096w4", "b4096w4"  # fastest on an H200 (bench_kernels --quick)
 
 
 def group_stats(x: Tensor, groups: int, config: str | None = None) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and biased variance of x, fp32 [B, G] each.
 
     Args:
-        x: [B, C, *] activations, bf16/fp16/fp32; contiguous takes the kernel.
+        x: [B, C, *] activations, bf16/fp16/fp32; contiguous or 4-D channels_last takes a kernel.
         groups: number of groups G; must divide C.
-        config: a key of `STATS_CONFIGS`; default `DEFAULT_STATS`.
+        config: a key of `STATS_CONFIGS` (NCHW) or `NHWC_STATS_CONFIGS` (channels_last); default the layout's.
     """
     B, C = x.shape[:2]
     if C % groups:
         raise ValueError(f"group_stats: {groups} groups must divide the {C} channels of x {tuple(x.shape)}")
-    if not _takes_kernel(x):
+    layout = _kernel_layout(x)
+    if layout is None:
         var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=-1, correction=0)  # [B, G]
         return mean, var
+    if layout == "nhwc":
+        return _stats_nhwc(x, groups, NHWC_STATS_CONFIGS[config or DEFAULT_NHWC_STATS])
     cfg = STATS_CONFIGS[config or DEFAULT_STATS]
     N = x[0].numel() // groups  # elements per group, contiguous
     splits = max(1, min(triton.cdiv(N, cfg.block), triton.cdiv(STATS_PROGRAMS, B * groups)))
@@ -68,7 +81,28 @@ def group_stats(x: Tensor, groups: int, config: str | None = None) -> tuple[Tens
     splits = triton.cdiv(N, slice_len)  # every slice holds at least one element
     partial = torch.empty(3, B * groups, splits, device=x.device, dtype=torch.float32)  # count, mean, M2
     _stats_kernel[(B * groups, splits)](x, partial, N, slice_len, splits, BLOCK=cfg.block, num_warps=cfg.num_warps)
-    mean = torch.empty(B, groups, device=x.device, dtype=torch.float32)
+    return _merge(partial, B, groups, splits)
+
+
+def _stats_nhwc(x: Tensor, groups: int, cfg: GNConfig) -> tuple[Tensor, Tensor]:
+    """Program (b, s) reduces pixels [s*slice_len, (s+1)*slice_len) of sample b, all groups at once."""
+    B, C, H, W = x.shape
+    HW = H * W
+    block_c = triton.next_power_of_2(C)
+    block_p = max(1, cfg.block // block_c)  # pixels per step
+    splits = max(1, min(triton.cdiv(HW, block_p), triton.cdiv(STATS_PROGRAMS, B)))
+    slice_len = triton.cdiv(triton.cdiv(HW, splits), block_p) * block_p
+    splits = triton.cdiv(HW, slice_len)  # every slice holds at least one pixel
+    partial = torch.empty(3, B * groups, splits, device=x.device, dtype=torch.float32)  # count, mean, M2
+    _stats_nhwc_kernel[(B, splits)](
+        x, partial, HW, slice_len, splits, C=C, G=groups,
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(groups), num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return _merge(partial, B, groups, splits)
+
+
+def _merge(partial: Tensor, B: int, groups: int, splits: int) -> tuple[Tensor, Tensor]:
+    mean = torch.empty(B, groups, device=partial.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     _merge_kernel[(B * groups,)](partial, mean, var, splits, SPLITS=triton.next_power_of_2(splits), num_warps=4)
     return mean, var
@@ -87,12 +121,14 @@ def group_norm_apply(
     """y = (x - mean_g) * rstd_g * w_c + b_c computed in fp32, then SiLU if asked, in x's dtype.
 
     Args:
-        x: [B, C, *] activations; contiguous bf16/fp16/fp32 takes the kernel.
+        x: [B, C, *] activations; contiguous or 4-D channels_last bf16/fp16/fp32 takes a kernel.
         mean, rstd: [B, G] group statistics (fp32).
         weight, bias: [C] affine parameters, or None for 1 / 0.
         groups: number of groups G; must divide C.
         silu: apply SiLU after the affine.
-        config: a key of `APPLY_CONFIGS`; default `DEFAULT_APPLY`.
+        config: a key of `APPLY_CONFIGS` (NCHW) or `NHWC_APPLY_CONFIGS` (channels_last); default the layout's.
+
+    Returns y in x's memory format (NCHW-contiguous or channels_last).
     """
     B, C = x.shape[:2]
     if C % groups or mean.shape != (B, groups) or rstd.shape != (B, groups):
@@ -102,8 +138,12 @@ def group_norm_apply(
         )
     weight = torch.ones(C, device=x.device) if weight is None else weight
     bias = torch.zeros(C, device=x.device) if bias is None else bias
-    if not _takes_kernel(x):
-        return _apply_torch(x, mean, rstd, weight, bias, groups, silu)
+    layout = _kernel_layout(x)
+    if layout is None:
+        y = _apply_torch(x, mean, rstd, weight, bias, groups, silu)
+        return y.contiguous(memory_format=torch.channels_last) if _is_nhwc(x) else y
+    if layout == "nhwc":
+        return _apply_nhwc(x, mean, rstd, weight, bias, groups, silu, NHWC_APPLY_CONFIGS[config or DEFAULT_NHWC_APPLY])
     cfg = APPLY_CONFIGS[config or DEFAULT_APPLY]
     HW = x[0, 0].numel()
     chunks = triton.cdiv(HW, cfg.block)
@@ -115,8 +155,34 @@ def group_norm_apply(
     return y
 
 
-def _takes_kernel(x: Tensor) -> bool:
-    return is_available(x.device) and x.dtype in DTYPES and x.is_contiguous() and x.numel() > 0
+def _apply_nhwc(
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, groups: int, silu: bool, cfg: GNConfig
+) -> Tensor:
+    """Program p normalises a [pixels, C] tile of sample p // chunks; y = empty_like(x) stays channels_last."""
+    B, C, H, W = x.shape
+    HW = H * W
+    block_c = triton.next_power_of_2(C)
+    block_p = max(1, cfg.block // block_c)
+    chunks = triton.cdiv(HW, block_p)
+    y = torch.empty_like(x)
+    _apply_nhwc_kernel[(B * chunks,)](
+        x, y, mean.float().contiguous(), rstd.float().contiguous(), weight.contiguous(), bias.contiguous(),
+        HW, chunks, C=C, G=groups, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return y
+
+
+def _kernel_layout(x: Tensor) -> str | None:
+    """Which kernels take x: "nchw", "nhwc", or None for the torch code."""
+    if not (is_available(x.device) and x.dtype in DTYPES and x.numel() > 0):
+        return None
+    if x.is_contiguous():  # first: with C == 1 or H*W == 1 a tensor is both, and the flat view is exact
+        return "nchw"
+    return "nhwc" if _is_nhwc(x) else None
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _apply_torch(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, groups: int, silu: bool):
@@ -207,3 +273,85 @@ if triton is not None:
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _stats_nhwc_kernel(
+        X, partial, HW, slice_len, splits,
+        C: tl.constexpr, G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b, s): per group, count, mean, M2 of pixels [s*slice_len, min(HW, (s+1)*slice_len)) of b.
+
+        x is [B, HW, C] row-major. Each lane of a [BLOCK_P, BLOCK_C] tile runs its own Welford over the
+        pixels it visits; the lanes are merged (Chan) over pixels into channels, then channels into groups.
+        """
+        b = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1)
+        start = s.to(tl.int64) * slice_len
+        n = tl.minimum(HW - start, slice_len)
+        n_full = (n // BLOCK_P).to(tl.int32)
+        rows = tl.arange(0, BLOCK_P)
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = (cols < C)[None, :]  # padding of a C that is not a power of two
+        ptrs = X + (b * HW + start) * C + rows[:, None] * C + cols[None, :]
+        mean = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per lane
+        m2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for i in range(0, n_full):  # every lane sees its (i+1)-th pixel
+            x = tl.load(ptrs, mask=col_ok, other=0.0).to(tl.float32)
+            delta = x - mean
+            mean += delta * (1.0 / (i + 1))
+            m2 += delta * (x - mean)
+            ptrs += BLOCK_P * C
+        row_count = tl.full([BLOCK_P], 0, tl.float32) + n_full
+        tail = (n - n_full * BLOCK_P).to(tl.int32)
+        if tail > 0:
+            valid = (rows < tail)[:, None] & col_ok
+            x = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+            delta = tl.where(valid, x - mean, 0.0)
+            mean += delta * (1.0 / (n_full + 1))
+            m2 += delta * (x - mean)
+            row_count += (rows < tail).to(tl.float32)
+        # lanes -> channels: every channel has seen the same n pixels (padded lanes hold zeros)
+        count_c = n.to(tl.float32)
+        mean_c = tl.sum(row_count[:, None] * mean, 0) / count_c  # [BLOCK_C]
+        dev = mean - mean_c[None, :]
+        m2_c = tl.sum(m2 + row_count[:, None] * dev * dev, 0)
+        # channels -> groups, through a [BLOCK_C, BLOCK_G] membership mask (any C, padded or not; a padded
+        # channel c >= C falls in a group >= G, which is never stored). Equal counts: the group mean is the
+        # plain average of its channel means.
+        per_group: tl.constexpr = C // G
+        groups = tl.arange(0, BLOCK_G)
+        member = (cols // per_group)[:, None] == groups[None, :]
+        mean_g = tl.sum(tl.where(member, mean_c[:, None], 0.0), 0) / per_group  # [BLOCK_G]
+        dev_c = mean_c - tl.sum(tl.where(member, mean_g[None, :], 0.0), 1)  # channel mean - its group's
+        m2_g = tl.sum(tl.where(member, (m2_c + count_c * dev_c * dev_c)[:, None], 0.0), 0)
+        out = (b * G + groups) * splits + s
+        stride = tl.num_programs(0).to(tl.int64) * G * splits
+        stored = groups < G
+        tl.store(partial + out, tl.full([BLOCK_G], 0, tl.float32) + count_c * per_group, mask=stored)
+        tl.store(partial + stride + out, mean_g, mask=stored)
+        tl.store(partial + 2 * stride + out, m2_g, mask=stored)
+
+    @triton.jit
+    def _apply_nhwc_kernel(
+        X, Y, MEAN, RSTD, W, Bias, HW, chunks,
+        C: tl.constexpr, G: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Program p: pixels [chunk*BLOCK_P, (chunk+1)*BLOCK_P) of sample p // chunks, all channels."""
+        pid = tl.program_id(0)
+        b = pid // chunks
+        chunk = pid % chunks
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        g = b * G + cols // (C // G)
+        mean = tl.load(MEAN + g, mask=col_ok, other=0.0)
+        scale = tl.load(RSTD + g, mask=col_ok, other=0.0) * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        shift = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        first = chunk * BLOCK_P
+        rows = tl.arange(0, BLOCK_P)
+        valid = (first + rows < HW)[:, None] & col_ok[None, :]
+        offs = (b.to(tl.int64) * HW + first) * C + rows[:, None] * C + cols[None, :]
+        x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=valid)
