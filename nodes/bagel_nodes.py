@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..bagel_vae_pp.bagel.loader import DTYPES, list_bagel_folders, load_bagel, resolve_folder
+from dataclasses import dataclass
+
+from ..bagel_vae_pp.bagel.loader import DTYPES, LoadedBagel, list_bagel_folders, load_bagel, resolve_folder
 from ..bagel_vae_pp.bagel.pipeline import autoencoder_moments, edit_image, text_to_image, understand_image
 from ..bagel_vae_pp.bagel.sampler import RENORM_TYPES, GuidanceOptions
 from . import host
@@ -41,6 +43,18 @@ THINK_TOKENS_INPUT = (
         "tooltip": "Think mode only: at most this many planning tokens.",
     },
 )
+
+
+@dataclass
+class ManagedBagel:
+    """What a BAGEL_MODEL link carries: the loaded model and ComfyUI's handle that moves it on and off the GPU."""
+
+    loaded: LoadedBagel
+    handle: object
+
+    def on_device(self) -> LoadedBagel:
+        host.load_for_compute(self.handle)
+        return self.loaded
 
 
 def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: str) -> dict:
@@ -160,8 +174,9 @@ class BagelModelLoader:
         }}  # fmt: skip
 
     def execute(self, model, dtype):
-        loaded = load_bagel(resolve_folder(host.bagel_model_dirs(), model), host.torch_device(), dtype)
-        return (loaded, host.make_comfy_vae(loaded.vae_state_dict))
+        loaded = load_bagel(resolve_folder(host.bagel_model_dirs(), model), host.offload_device(), dtype)
+        managed = ManagedBagel(loaded, host.managed(loaded.model, loaded.vae))
+        return (managed, host.make_comfy_vae(loaded.vae_state_dict))
 
 
 class BagelTextToImage:
@@ -197,7 +212,8 @@ class BagelTextToImage:
 
     def execute(self, bagel_model, prompt, seed, width, height, **kw):
         progress = host.Progress(kw["steps"] - 1)
-        latent, thinking = text_to_image(bagel_model.model, bagel_model.tokenizer, prompt, width, height, seed,
+        bagel = bagel_model.on_device()
+        latent, thinking = text_to_image(bagel.model, bagel.tokenizer, prompt, width, height, seed,
                                          guidance(kw), kw["think"], kw["max_think_tokens"], progress,
                                          host.throw_if_interrupted)  # fmt: skip
         return ({"samples": latent}, thinking)
@@ -228,8 +244,10 @@ class BagelImageEdit:
         }  # fmt: skip
 
     def execute(self, bagel_model, image, prompt, seed, pool=None, **kw):
-        encode = autoencoder_moments(bagel_model.vae) if pool is None else pool_encoder(pool, bagel_model.vae)
-        latent, thinking = edit_image(bagel_model.model, bagel_model.tokenizer, single_image(image), prompt, encode,
+        image = single_image(image)
+        bagel = bagel_model.on_device()
+        encode = autoencoder_moments(bagel.vae) if pool is None else pool_encoder(pool, bagel.vae)
+        latent, thinking = edit_image(bagel.model, bagel.tokenizer, image, prompt, encode,
                                       seed, guidance(kw), kw["think"], kw["max_think_tokens"],
                                       host.Progress(kw["steps"] - 1), host.throw_if_interrupted)  # fmt: skip
         return ({"samples": latent}, thinking)
@@ -261,10 +279,12 @@ class BagelImageUnderstanding:
         }}  # fmt: skip
 
     def execute(self, bagel_model, image, prompt, max_new_tokens, temperature, seed, think):
+        image = single_image(image)
+        bagel = bagel_model.on_device()
         text = understand_image(
-            bagel_model.model,
-            bagel_model.tokenizer,
-            single_image(image),
+            bagel.model,
+            bagel.tokenizer,
+            image,
             prompt,
             max_new_tokens,
             temperature,

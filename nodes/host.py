@@ -49,6 +49,30 @@ def torch_device():
     return comfy.model_management.get_torch_device()
 
 
+def managed(*modules):
+    """Put big modules under ComfyUI's model management, held on its offload device (normally the CPU).
+
+    ComfyUI then moves them onto its GPU when `load_for_compute` asks, evicting other models for room, and
+    may offload them again when another model (or a VAE pool's make_room) needs the memory. Returns the handle.
+    """
+    import comfy.model_patcher
+    import torch.nn as nn
+
+    holder = nn.ModuleList(modules)  # the patcher keeps its bookkeeping (device, loaded bytes) on this holder
+    mm = comfy.model_management
+    return comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())  # fmt: skip
+
+
+def offload_device():
+    return comfy.model_management.unet_offload_device()
+
+
+def load_for_compute(handle) -> None:
+    """Make sure a `managed` model sits whole on ComfyUI's GPU (our modules cannot run half offloaded)."""
+    comfy.model_management.load_models_gpu([handle], force_full_load=True)
+
+
 class Progress:
     """A ProgressBar that is only ever advanced from the node's own thread (it is an interrupt point)."""
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bagel_vae_pp.bagel.config import CONFIGS
-from bagel_vae_pp.bagel.llm import attention_mask, route
+from bagel_vae_pp.bagel.llm import _Rows, attention_mask
 from bagel_vae_pp.bagel.tiny import random_bagel
 
 
@@ -48,10 +48,26 @@ class TestDecoder:
         same, _ = swapped(x, pos, None, gen=slice(1, 5))
         torch.testing.assert_close(same, und, rtol=1e-5, atol=1e-5)
 
-    def test_route_keeps_token_order(self):
-        x = torch.arange(5.0)[:, None]
-        out = route(x, slice(1, 4), lambda t: t * 10, lambda t: -t)
-        assert out.flatten().tolist() == [0, -1, -2, -3, 40]
+    def test_rows_pack_and_unpack_are_inverse(self):
+        x = torch.arange(7.0)
+        for gen in (None, slice(0, 7), slice(1, 6), slice(0, 3), slice(4, 7), slice(3, 3)):
+            rows = _Rows(7, gen)
+            packed = rows.pack(x)
+            if gen is not None and gen.stop > gen.start:
+                assert packed[rows.m :].tolist() == x[gen].tolist()  # generation rows last
+            assert rows.unpack(packed).tolist() == x.tolist()
+            assert rows.unpack(packed, before=-x[:2]).tolist() == [-0.0, -1.0, *x.tolist()]
+
+    def test_gen_block_anywhere_in_the_sequence(self, lm):
+        # one RoPE position, full attention: reordering the tokens (and their expert) reorders the outputs
+        x = torch.randn(6, 64)
+        pos = torch.zeros(6, dtype=torch.long)
+        ctx, past = lm(torch.randn(3, 64), torch.arange(3), None, causal=True)
+        ref, ref_kv = lm(x, pos, past, gen=slice(1, 5))
+        for order, gen in (([1, 2, 3, 4, 0, 5], slice(0, 4)), ([0, 5, 1, 2, 3, 4], slice(2, 6))):
+            out, kv = lm(x[order], pos, past, gen=gen)
+            torch.testing.assert_close(out, ref[order], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kv[-1][0][3:], ref_kv[-1][0][3:][order], rtol=1e-5, atol=1e-5)
 
     def test_rope_depends_on_relative_positions_only(self, lm):
         x = torch.randn(5, 64)

@@ -27,6 +27,7 @@ class Host:
 
     def __init__(self, root: str):
         self.root, self.progress, self.checks, self.interrupt_after = root, [], 0, None
+        self.loads = []  # (patcher, force_full_load) per load_models_gpu call
 
     def modules(self) -> dict[str, types.ModuleType]:
         folder_paths = types.ModuleType("folder_paths")
@@ -37,6 +38,21 @@ class Host:
         mm.throw_exception_if_processing_interrupted = self.check_interrupt
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.unload_all_models = lambda: None
+        mm.unet_offload_device = lambda: torch.device("cpu")
+
+        def load_models_gpu(models, memory_required=0, force_full_load=False, **kw):
+            self.loads.extend((patcher, force_full_load) for patcher in models)
+            for patcher in models:
+                patcher.model.to(patcher.load_device)
+
+        mm.load_models_gpu = load_models_gpu
+        model_patcher = types.ModuleType("comfy.model_patcher")
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device):
+                self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+        model_patcher.ModelPatcher = ModelPatcher
         utils = types.ModuleType("comfy.utils")
         host = self
 
@@ -59,9 +75,9 @@ class Host:
 
         sd.VAE = VAE
         comfy = types.ModuleType("comfy")
-        comfy.model_management, comfy.utils, comfy.sd = mm, utils, sd
+        comfy.model_management, comfy.utils, comfy.sd, comfy.model_patcher = mm, utils, sd, model_patcher
         return {"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
-                "comfy.sd": sd}  # fmt: skip
+                "comfy.sd": sd, "comfy.model_patcher": model_patcher}  # fmt: skip
 
     def check_interrupt(self):
         self.checks += 1
@@ -144,8 +160,21 @@ class TestDeclarations:
 class TestRun:
     def test_loader_gives_model_and_host_vae(self, loaded):
         model, vae = loaded
-        assert model.model.params.max_latent_size == 8
+        assert model.loaded.model.params.max_latent_size == 8
         assert "decoder.conv_in.weight" in vae.sd
+
+    def test_model_is_under_comfy_model_management(self, nodes, loaded, host):
+        """ComfyUI holds BAGEL and its VAE (it may offload them for other models); each node asks for it whole
+        on the GPU before computing."""
+        handle = loaded[0].handle
+        held = set(map(id, handle.model.parameters()))
+        assert {id(p) for p in loaded[0].loaded.model.parameters()} <= held
+        assert {id(p) for p in loaded[0].loaded.vae.parameters()} <= held
+        before = len(host.loads)
+        nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs(steps=2))
+        nodes.BagelImageUnderstanding().execute(loaded[0], image=torch.rand(1, 32, 32, 3), prompt="what?",
+                                                max_new_tokens=2, temperature=0.0, seed=0, think=False)  # fmt: skip
+        assert host.loads[before:] == [(handle, True), (handle, True)]
 
     def test_text_to_image_latent_same_seed_same_result(self, nodes, loaded, host):
         node = nodes.BagelTextToImage()

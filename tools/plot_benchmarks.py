@@ -1,6 +1,6 @@
 """Plot the GPU benchmark results behind BENCHMARKS.md: time and peak memory per worker against image size.
 
-python tools/plot_benchmarks.py [--results 'bench/results/*.jsonl'] [--out docs/benchmarks.png]
+python tools/plot_benchmarks.py [--results 'bench/results/*_final.jsonl'] [--out docs/benchmarks.png]
 
 Reads JSON lines with keys impl, op, mode, workers, size, dtype, ms, peak_gib, max_rel_err (one case each) and
 draws one column per op (decode, encode): median time on top, peak GPU memory per worker below, one line per
@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("impl", "op", "mode", "workers", "size", "dtype", "ms", "peak_gib", "max_rel_err")
+KEYS = ("impl", "op", "mode", "workers", "size", "dtype", "ms", "peak_gib")  # max_rel_err: absent without a reference
 
 
 def read_results(pattern: str) -> list[dict]:
@@ -49,7 +49,7 @@ def series(rows: list[dict], op: str) -> dict[tuple, list[dict]]:
 
 def label(key: tuple, points: list[dict]) -> str:
     impl, mode, workers, dtype = key
-    errs = [p["max_rel_err"] for p in points if p["max_rel_err"] is not None]  # None: no fp32 reference fits
+    errs = [p["max_rel_err"] for p in points if p.get("max_rel_err") is not None]  # None: no fp32 reference fits
     err = f" (rel err ≤ {max(errs):.1e})" if errs else ""
     return f"{impl} {mode} ×{workers} {dtype}{err}"
 
@@ -89,7 +89,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "*.jsonl"), help="glob of JSONL files")
+    final_runs = str(REPO / "bench" / "results" / "*_final.jsonl")  # one table's run each; A/B runs are not plotted
+    parser.add_argument("--results", default=final_runs, help="glob of JSONL files")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.png")
     args = parser.parse_args(argv)
     rows = read_results(args.results)

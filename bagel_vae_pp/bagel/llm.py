@@ -12,8 +12,6 @@ aligned bottom-right (flash-attn varlen semantics); SDPA's own `is_causal` would
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,9 +29,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)  # normalise in fp32, scale in the model dtype (as Qwen2)
+        return self.weight * _normalise(x, self.eps)
+
+
+def _normalise(x: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x²) + eps) over the last dim, computed in fp32 and rounded to x.dtype (Qwen2's first half).
+
+    F.rms_norm upcasts bf16/fp16 itself (fp32 opmath; on CUDA one fused kernel), so there is no fp32 copy of x:
+    bit-identical to `(x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)` on CPU.
+    """
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 class MLP(nn.Module):
@@ -44,16 +49,81 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_swiglu(self, x))
 
 
-def route(x: Tensor, gen: slice | None, und_fn: Callable, gen_fn: Callable) -> Tensor:
-    """Apply `gen_fn` to the latent tokens x[gen] and `und_fn` to the tokens before and after them."""
-    if gen is None:
-        return und_fn(x)
-    head, body, tail = x[: gen.start], x[gen], x[gen.stop :]
-    ends = und_fn(torch.cat([head, tail]))  # [2, ...]: the image markers
-    return torch.cat([ends[: len(head)], gen_fn(body), ends[len(head) :]])
+def _swiglu(mlp: MLP, x: Tensor) -> Tensor:
+    """silu(gate(x)) * up(x), in place on the gate output (no [L, hidden] temporaries)."""
+    g = mlp.gate_proj(x)
+    return F.silu(g, inplace=True).mul_(mlp.up_proj(x))
+
+
+class _Rows:
+    """Token order inside the layer stack: the understanding tokens first, then the generation block.
+
+    A gen block x = [head, x[gen], tail] is kept as [head, tail, x[gen]], so each expert owns one contiguous
+    slice of rows, [:m] understanding and [m:] generation: its projections write straight into their rows
+    (mm/addmm out=) and its norm weights scale them in place, with no per-op concatenation. Everything but
+    attention works per token; attention takes the queries (and its mask rows) in this order and the keys in
+    the original one, which is also the order of the returned KV cache.
+    """
+
+    def __init__(self, n: int, gen: slice | None):
+        s, e = (n, n) if gen is None else gen.indices(n)[:2]
+        if gen is not None and gen.step not in (None, 1):
+            raise ValueError(f"gen must be a contiguous slice, got {gen}")
+        e = max(e, s)
+        self.n, self.s, self.e, self.m = n, s, e, n - (e - s)
+        self.identity = s == e or e == n  # the understanding tokens already precede the block
+
+    def parts(self, und, gen) -> list[tuple[slice, object]]:
+        """(rows, expert's module) for each expert that has tokens."""
+        return [(r, mod) for r, mod in ((slice(0, self.m), und), (slice(self.m, self.n), gen)) if r.stop > r.start]
+
+    def pack(self, t: Tensor, copy: bool = False) -> Tensor:
+        """Original order -> expert order (dim 0); `copy` makes sure the result is a new tensor."""
+        if self.identity:
+            return t.clone() if copy else t
+        return torch.cat([t[: self.s], t[self.e :], t[self.s : self.e]])
+
+    def unpack(self, t: Tensor, before: Tensor | None = None) -> Tensor:
+        """Expert order -> original order (dim 0), after `before` if given (the cache)."""
+        s, m = self.s, self.m
+        pieces = [t] if self.identity else [t[:s], t[m:], t[s:m]]
+        if before is not None:
+            pieces.insert(0, before)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _norm(x: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm) -> Tensor:
+    """Each expert's RMSNorm over the last dim of its rows of x (expert order): one normalisation for all rows,
+    then the weight multiply in place (in the model dtype, after rounding, as Qwen2)."""
+    parts = rows.parts(und, gen)
+    if any(norm.eps != und.eps or norm.weight.dtype != x.dtype for _, norm in parts):
+        return torch.cat([norm(x[r]) for r, norm in parts])  # not met by BAGEL: one eps, one dtype
+    y = _normalise(x, und.eps)
+    for r, norm in parts:
+        y[r].mul_(norm.weight)
+    return y
+
+
+def _project(x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
+    """Each expert's Linear on its rows of x [L, Din] (expert order), written straight into one [L, Dout]."""
+    out = x.new_empty(x.shape[0], und.out_features)
+    for r, lin in rows.parts(und, gen):
+        if lin.bias is None:
+            torch.mm(x[r], lin.weight.t(), out=out[r])
+        else:
+            torch.addmm(lin.bias, x[r], lin.weight.t(), out=out[r])  # what F.linear runs, bias fused
+    return out
+
+
+def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> None:
+    """acc += each expert's Linear of its rows of x, in place (the residual rides in the GEMM's C operand)."""
+    for r, lin in rows.parts(und, gen):
+        acc[r].addmm_(x[r], lin.weight.t())
+        if lin.bias is not None:
+            acc[r].add_(lin.bias)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -67,8 +137,13 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate-half convention
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: three passes, no rotated copy of x."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos
+    out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x1, sin[..., half:])
+    return out
 
 
 def attention_mask(q_len: int, k_len: int, causal: bool, device) -> Tensor | None:
@@ -91,26 +166,46 @@ class Attention(nn.Module):
             setattr(self, "q_norm" + suffix, RMSNorm(self.head_dim, cfg.rms_norm_eps))
             setattr(self, "k_norm" + suffix, RMSNorm(self.head_dim, cfg.rms_norm_eps))
 
+    @torch.no_grad()
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, gen: slice | None, causal: bool
     ) -> tuple[Tensor, LayerKV]:
-        L = x.shape[0]
-        q = route(x, gen, self.q_proj, self.q_proj_moe_gen).view(L, self.n_heads, self.head_dim)  # [L, H, Dh]
-        k = route(x, gen, self.k_proj, self.k_proj_moe_gen).view(L, self.n_kv, self.head_dim)  # [L, Hkv, Dh]
-        v = route(x, gen, self.v_proj, self.v_proj_moe_gen).view(L, self.n_kv, self.head_dim)  # [L, Hkv, Dh]
-        q = apply_rope(route(q, gen, self.q_norm, self.q_norm_moe_gen), cos, sin)
-        k = apply_rope(route(k, gen, self.k_norm, self.k_norm_moe_gen), cos, sin)
-        if past is not None:
-            k, v = torch.cat([past[0], k]), torch.cat([past[1], v])  # [Lk, Hkv, Dh]: cache, then new tokens
+        rows = _Rows(x.shape[0], gen)
+        out, kv = self.attend(rows.pack(x), _pack_rope(rows, cos), _pack_rope(rows, sin), past, rows, causal)
+        return rows.unpack(_project(out, rows, self.o_proj, self.o_proj_moe_gen)), kv
+
+    def attend(
+        self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, rows: _Rows, causal: bool
+    ) -> tuple[Tensor, LayerKV]:
+        """Attention of the normed tokens x [L, D] (expert order) before o_proj: [L, H*Dh] (expert order), and
+        the cache extended by the new keys/values (original order)."""
+        L, H, Hkv, Dh = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        q = _project(x, rows, self.q_proj, self.q_proj_moe_gen).view(L, H, Dh)
+        k = _project(x, rows, self.k_proj, self.k_proj_moe_gen).view(L, Hkv, Dh)
+        v = _project(x, rows, self.v_proj, self.v_proj_moe_gen).view(L, Hkv, Dh)
+        q = apply_rope(_norm(q, rows, self.q_norm, self.q_norm_moe_gen), cos, sin)  # [L, H, Dh]
+        k = apply_rope(_norm(k, rows, self.k_norm, self.k_norm_moe_gen), cos, sin)  # [L, Hkv, Dh]
+        # [Lk, Hkv, Dh]: cache, then the new tokens in their original order
+        k, v = (rows.unpack(k), rows.unpack(v)) if past is None else (rows.unpack(k, past[0]), rows.unpack(v, past[1]))
         mask = attention_mask(L, k.shape[0], causal, x.device)
-        # GQA by repeating K/V heads (head h reads KV head h // rep): every SDPA backend, flash included, takes it.
-        rep = self.n_heads // self.n_kv
-        k_all, v_all = (t.transpose(0, 1).repeat_interleave(rep, dim=0) for t in (k, v))  # [H, Lk, Dh]
+        if mask is not None:
+            mask = rows.pack(mask)  # query rows in expert order
+        # GQA (head h reads KV head h // rep). Unmasked half-precision calls (every velocity pass) pass the Hkv
+        # heads with enable_gqa: the flash/cuDNN kernels take it (bit-identical output, and no [H, Lk, Dh] K/V
+        # copies: 2.5 ms of a 1024² pass on an H200). Masked or fp32 calls repeat the K/V heads, which every
+        # SDPA backend takes (a backend without GQA support would fall back to the memory-hungry math kernel).
+        rep = H // Hkv
+        gqa = mask is None and q.dtype in (torch.float16, torch.bfloat16)
+        k_all, v_all = (t.transpose(0, 1) if gqa else t.transpose(0, 1).repeat_interleave(rep, dim=0) for t in (k, v))
         # 4-D inputs: SDPA's fused kernels take only [B, H, L, Dh]; 3-D ones fell back to the fp32 math kernel
         # (73% of a 1024² velocity pass on an H200).
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_all[None], v_all[None], attn_mask=mask)[0]
-        out = out.transpose(0, 1).reshape(L, self.n_heads * self.head_dim)  # [L, H*Dh]
-        return route(out, gen, self.o_proj, self.o_proj_moe_gen), (k, v)
+        q_all = q.transpose(0, 1)[None]  # [1, H, L, Dh]
+        out = F.scaled_dot_product_attention(q_all, k_all[None], v_all[None], attn_mask=mask, enable_gqa=gqa)[0]
+        return out.transpose(0, 1).reshape(L, H * Dh), (k, v)
+
+
+def _pack_rope(rows: _Rows, t: Tensor) -> Tensor:
+    return rows.pack(t) if t.shape[0] == rows.n else t  # [1, 1, Dh] tables broadcast as they are
 
 
 class DecoderLayer(nn.Module):
@@ -123,19 +218,25 @@ class DecoderLayer(nn.Module):
             setattr(self, "input_layernorm" + suffix, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
             setattr(self, "post_attention_layernorm" + suffix, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
-    def ffn_und(self, x: Tensor) -> Tensor:
-        return self.mlp(self.post_attention_layernorm(x))
-
-    def ffn_gen(self, x: Tensor) -> Tensor:
-        return self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x))
-
+    @torch.no_grad()
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, gen: slice | None, causal: bool
     ) -> tuple[Tensor, LayerKV]:
-        h = route(x, gen, self.input_layernorm, self.input_layernorm_moe_gen)  # [L, D]
-        h, kv = self.self_attn(h, cos, sin, past, gen, causal)
-        x = x + h
-        return x + route(x, gen, self.ffn_und, self.ffn_gen), kv
+        rows = _Rows(x.shape[0], gen)
+        x, kv = self.step(rows.pack(x, copy=True), _pack_rope(rows, cos), _pack_rope(rows, sin), past, rows, causal)
+        return rows.unpack(x), kv
+
+    def step(
+        self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, rows: _Rows, causal: bool
+    ) -> tuple[Tensor, LayerKV]:
+        """forward() on x [L, D] in expert order, updated IN PLACE (the residual stream) and returned."""
+        h = _norm(x, rows, self.input_layernorm, self.input_layernorm_moe_gen)  # [L, D]
+        h, kv = self.self_attn.attend(h, cos, sin, past, rows, causal)
+        _add_projection(x, h, rows, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen)  # x += o_proj(h)
+        h = _norm(x, rows, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
+        for r, mlp in rows.parts(self.mlp, self.mlp_moe_gen):
+            x[r].addmm_(_swiglu(mlp, h[r]), mlp.down_proj.weight.t())  # x += down_proj(...), no bias
+        return x, kv
 
 
 class Qwen2MoTModel(nn.Module):
@@ -147,6 +248,7 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @torch.no_grad()
     def forward(
         self,
         x: Tensor,
@@ -161,13 +263,16 @@ class Qwen2MoTModel(nn.Module):
             gen: the latent tokens' slice of x (generation expert); None routes all tokens to understanding.
             causal: bottom-right causal mask (text); False = full attention (image blocks).
         Returns the final-norm hidden states [L, D] and every layer's cache extended by the new tokens.
+        Inference only (no autograd).
         """
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        rows = _Rows(x.shape[0], gen)
+        cos, sin = rope_cos_sin(rows.pack(positions), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        x = rows.pack(x, copy=True)  # the residual stream, updated in place by every layer
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, None if past is None else past[i], gen, causal)
+            x, kv = layer.step(x, cos, sin, None if past is None else past[i], rows, causal)
             new_kv.append(kv)
-        return route(x, gen, self.norm, self.norm_moe_gen), tuple(new_kv)
+        return rows.unpack(_norm(x, rows, self.norm, self.norm_moe_gen)), tuple(new_kv)
 
 
 class Qwen2MoTForCausalLM(nn.Module):
