@@ -119,6 +119,9 @@ def exact_encode(ae: AutoEncoder, pixels: Tensor, out: Tensor, r: Rank) -> None:
 def tiled(run_tile, inp_hw, tile: int, overlap: int, unit: int, scale: float, out_rows_first: bool, out, r: Rank):
     """Blend independently computed tiles into this rank's disjoint band of output rows.
 
+    Tiles run through the same band forward as exact mode, with one rank (the GPU kernels, and on GPUs a CUDA
+    graph per tile shape). A tile's result may live in a graph's static output: it is used before the next tile.
+
     `run_tile(i, y0, y1, x0, x1)` computes tile (y0:y1, x0:x1) of batch item i, in input units, and returns
     its output as [C, rows, cols] (before any final clamp). `out` is [B, rows, cols, C] if
     `out_rows_first` (IMAGE) else [B, C, rows, cols] (LATENT).
@@ -159,19 +162,30 @@ def tiled(run_tile, inp_hw, tile: int, overlap: int, unit: int, scale: float, ou
 
 def tiled_decode(ae, latent: Tensor, out: Tensor, r: Rank, tile_px: int, overlap_px: int) -> None:
     s = ae.params.downscale
+    shard = Shard(0, 1, None, [(0, 1)])  # a tile is a whole image of its own: the band forward with one rank
+
+    def forward(z: Tensor) -> Tensor:  # [1, z, h, w] float32 on the device -> [3, 8h, 8w]
+        return decode_band(ae, r.to_band(z), shard)[0]
+
+    run = band_runner(r, shard, "decode tile", forward, tile_px * tile_px, layers=0)
 
     def run_tile(i, y0, y1, x0, x1):
-        return ae.decode(latent[i : i + 1, :, y0:y1, x0:x1].to(r.device, r.dtype))[0]
+        return run(latent[i : i + 1, :, y0:y1, x0:x1].to(r.device))
 
     tiled(run_tile, latent.shape[2:], tile_px // s, overlap_px // s, 1, s, True, out, r)
 
 
 def tiled_encode(ae, pixels: Tensor, out: Tensor, r: Rank, tile_px: int, overlap_px: int) -> None:
     s = ae.params.downscale
+    shard = Shard(0, 1, None, [(0, 1)])
+
+    def forward(x: Tensor) -> Tensor:  # IMAGE tile [h, w, 3] float32 on the device -> latent [z, h/8, w/8]
+        return encode_band(ae, r.to_band(x.permute(2, 0, 1)[None] * 2.0 - 1.0), shard)[0]
+
+    run = band_runner(r, shard, "encode tile", forward, tile_px * tile_px, layers=0)
 
     def run_tile(i, y0, y1, x0, x1):
-        x = pixels[i, y0:y1, x0:x1].to(r.device).permute(2, 0, 1)[None] * 2.0 - 1.0
-        return ae.encode(x.to(r.dtype))[0]
+        return run(pixels[i, y0:y1, x0:x1].to(r.device))
 
     tiled(run_tile, pixels.shape[1:3], tile_px, overlap_px, s, 1 / s, False, out, r)
 

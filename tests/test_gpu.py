@@ -28,7 +28,7 @@ def run_pool(ae, monkeypatch, graphs_on: bool, jobs):
     monkeypatch.setenv(graphs.ENV_SWITCH, "1" if graphs_on else "0")
     pool = WorkerPool(PoolSpec.parse("0,1", "bf16", timeout_s=120))
     try:
-        return [(pool.decode if op == "decode" else pool.encode)(ae, data).clone() for op, data in jobs]
+        return [(pool.decode if op == "decode" else pool.encode)(ae, data, **kw).clone() for op, data, kw in jobs]
     finally:
         pool.shutdown()
 
@@ -36,10 +36,11 @@ def run_pool(ae, monkeypatch, graphs_on: bool, jobs):
 def test_graph_replays_equal_eager(ae, monkeypatch):
     latent = torch.randn(2, 16, 64, 72, generator=torch.Generator().manual_seed(1))  # batch 2: two replays
     image = torch.rand(1, 512, 576, 3, generator=torch.Generator().manual_seed(2))
-    jobs = [("decode", latent), ("decode", latent), ("encode", image), ("encode", image)]
+    tiles = {"mode": "tiled", "tile_px": 256, "overlap_px": 64}  # 9 equal tiles a job: one graph, 18 replays
+    jobs = [(op, data, kw) for op, data in (("decode", latent), ("encode", image)) for kw in ({}, {}, tiles, tiles)]
     eager = run_pool(ae, monkeypatch, False, jobs)
     graphed = run_pool(ae, monkeypatch, True, jobs)
-    for (op, _), e, g in zip(jobs, eager, graphed):
+    for (op, _, _), e, g in zip(jobs, eager, graphed):
         assert torch.isfinite(g).all()
         assert torch.equal(e, g), f"{op}: max diff {(e - g).abs().max().item():.3e}"
 
