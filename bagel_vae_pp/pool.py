@@ -303,14 +303,14 @@ class WorkerPool:
             else:
                 out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
             shm.check_room(self.dir, [data.shape, out_shape], "samples" if op == "decode" else "pixels")
+            checked = time.time()
+            self.job_id += 1
+            in_path, inp = self.input_buffer(tuple(data.shape))
+            if not shm.copy_in_checked(inp, data):  # before make_room: bad input must not evict anyone's models
+                raise non_finite_error("samples" if op == "decode" else "pixels", data)
             if make_room is not None:
                 image_px = out_shape[1] * out_shape[2] if op == "decode" else data.shape[1] * data.shape[2]
                 make_room(self.spec.devices, self.peak_bytes_per_worker(op, image_px, mode, tile_px))
-            checked = time.time()
-            self.job_id += 1
-            in_path, staged = self.input_buffer(tuple(data.shape))
-            if not shm.copy_in_checked(staged, data):
-                raise non_finite_error("samples" if op == "decode" else "pixels", data)
             out_path = os.path.join(self.dir, f"job{self.job_id}.out")
             try:
                 out = shm.create(out_path, out_shape)
@@ -406,8 +406,9 @@ class WorkerPool:
 
 
 def timing(entered: float, checked: float, staged: float, replies: list[dict]) -> dict:
-    """Where a job's wall time went, in ms: host preparation (checks, then staging in shared memory),
-    hand-over to workers, compute, hand-back."""
+    """Where a job's wall time went, in ms: host preparation (checks; then staging: the input copied into shared
+    memory with its NaN/Inf check, room made on the GPUs, the output file created), hand-over to workers,
+    compute, hand-back."""
     busy = [r for r in replies if "received" in r]
     received, finished = max(r["received"] for r in busy), max(r["finished"] for r in busy)
     return {

@@ -259,10 +259,12 @@ class TestBadInput:
     def test_nan_and_inf_are_refused_in_latents_and_images(self, cpu_pool, tiny_vae, value):
         latent, pixels = torch.randn(1, 16, 4, 4), torch.rand(1, 32, 32, 3)
         latent[0, 3, 1, 2] = pixels[0, 5, 6, 1] = value
+        asked = []  # bad input must be refused before ComfyUI is asked to unload models for the job
         with pytest.raises(ValueError, match="samples: contains 1 NaN/Inf"):
-            cpu_pool(2).decode(tiny_vae, latent)
+            cpu_pool(2).decode(tiny_vae, latent, make_room=lambda *a: asked.append(a))
         with pytest.raises(ValueError, match="pixels: contains 1 NaN/Inf"):
-            cpu_pool(2).encode(tiny_vae, pixels)
+            cpu_pool(2).encode(tiny_vae, pixels, make_room=lambda *a: asked.append(a))
+        assert asked == []
 
     def test_empty_and_too_small_images_are_refused(self, cpu_pool, tiny_vae):
         with pytest.raises(ValueError, match="pixels: the batch is empty"):
