@@ -36,7 +36,10 @@ class Rank:
     memory_format: torch.memory_format = torch.contiguous_format  # the model's and the bands' layout
 
     def to_band(self, x: Tensor) -> Tensor:
-        return x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        """x in the model's dtype, and channels_last where the model is (else as it comes: the CPU reference
+        convolves the same strides, which keeps fp32 results equal to its rounding)."""
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.memory_format == torch.channels_last else x
 
 
 def to_image(x: Tensor) -> Tensor:

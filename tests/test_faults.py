@@ -5,6 +5,7 @@ have their own deadlines, threads are joined with a timeout, subprocesses are re
 asks for are printed (run with `-s` to see them) and asserted where the issue sets the number.
 """
 
+import copy
 import json
 import os
 import queue
@@ -277,12 +278,20 @@ class TestBadInput:
         latent = sky_and_ground(1, 16, h, w)
         torch.testing.assert_close(cpu_pool(3).decode(tiny_vae, latent), reference_decode(tiny_vae, latent), **TOL)
 
-    @pytest.mark.parametrize("H,W", [(8, 8), (8, 24), (17, 9)])
-    def test_tiny_and_odd_images_encode_exactly(self, cpu_pool, tiny_vae, H, W):
-        pixels = torch.rand(1, H, W, 3)
+    @pytest.mark.parametrize("H,W,seed", [(8, 8, 0), (8, 8, 53), (8, 24, 0), (17, 9, 0)])
+    def test_tiny_and_odd_images_encode_exactly(self, cpu_pool, tiny_vae, H, W, seed):
+        """Held to the float64 result: within 1e-4 of it, or at least as close as the fp32 module where that one
+        is not. An 8x8 image makes a one-pixel latent whose last GroupNorms see a handful of values, so fp32
+        results hang on rounding: at seed 53 the fp32 module itself is 8e-3 off its float64 result (the pool,
+        2.5e-4) — an unseeded draw made comparing the two a coin toss."""
+        pixels = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(seed))
         top, left = (H % 8) // 2, (W % 8) // 2
-        ref = reference_encode(tiny_vae, pixels[:, top : top + H // 8 * 8, left : left + W // 8 * 8].contiguous())
-        torch.testing.assert_close(cpu_pool(3).encode(tiny_vae, pixels), ref, rtol=0, atol=1e-4 * ref.abs().max())
+        crop = pixels[:, top : top + H // 8 * 8, left : left + W // 8 * 8].contiguous()
+        ref64 = reference_encode(copy.deepcopy(tiny_vae).double(), crop.double())
+        scale = ref64.abs().max()
+        module_err = ((reference_encode(tiny_vae, crop).double() - ref64).abs().max() / scale).item()
+        pool_err = ((cpu_pool(3).encode(tiny_vae, pixels).double() - ref64).abs().max() / scale).item()
+        assert pool_err <= max(1e-4, 1.25 * module_err), (pool_err, module_err)
 
     def test_a_batch_too_large_for_dev_shm_is_refused_up_front(self, cpu_pool, tiny_vae, monkeypatch):
         pool = cpu_pool(2)
