@@ -41,7 +41,7 @@ def inputs_for(ae, size: int, device) -> dict:
     return {"decode": latent.contiguous(), "encode": test_image(size)}
 
 
-def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat):
+def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat, emit):
     """Single-GPU fp32 references and the single-GPU run in the bench dtype, where they fit."""
     refs, rows = {}, []
     for size in sizes:
@@ -85,12 +85,11 @@ def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat):
                 row["ms"] = "OOM"
             model = out = None
             torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(emit(row))
     return refs, rows
 
 
-def pool_cases(ae, workers, sizes, ops, modes, dtype, refs, repeat, tile, overlap, device, max_size_for):
+def pool_cases(ae, workers, sizes, ops, modes, dtype, refs, repeat, tile, overlap, device, max_size_for, emit):
     spec = PoolSpec.parse(",".join(map(str, range(workers))), dtype, timeout_s=600)
     pool = WorkerPool(spec)
     rows = []
@@ -125,8 +124,7 @@ def pool_cases(ae, workers, sizes, ops, modes, dtype, refs, repeat, tile, overla
                             raise
                         row["ms"] = "OOM"
                         pool.shutdown()
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    rows.append(emit(row))
     finally:
         pool.shutdown()
     return rows
@@ -164,14 +162,26 @@ def main():
     )
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
-    p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--out", default=None, help="append JSON lines here, one per case as it finishes")
     args = p.parse_args()
     device = torch.device("cuda:0")
     sizes = [int(s) for s in args.sizes.split(",")]
     ops, modes = args.ops.split(","), args.modes.split(",")
     ae = random_autoencoder("flux", seed=0)
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}", flush=True)
-    refs, rows = references(ae, sizes, ops, args.dtype, args.ref_max, args.single_max, device, args.repeat)
+    card = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    print(f"torch {torch.__version__}, {card}", flush=True)
+    run_info = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+    def emit(row: dict) -> dict:
+        """Print a finished case and append it to --out at once: a run stopped by a time limit keeps its rows."""
+        row = {**row, **run_info}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    refs, rows = references(ae, sizes, ops, args.dtype, args.ref_max, args.single_max, device, args.repeat, emit)
     for workers in [int(w) for w in args.workers.split(",")]:
         rows += pool_cases(
             ae,
@@ -186,11 +196,8 @@ def main():
             args.overlap,
             device,
             {1: args.single_max},
+            emit,
         )
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
     print_table(rows)
 
 
