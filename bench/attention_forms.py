@@ -9,7 +9,6 @@ Error: against fp32 SDPA on the first 512 queries (fresh random inputs with non-
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import torch
@@ -18,20 +17,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bagel_vae_pp import kernels  # noqa: E402
+from bench.timing import cuda_median_ms  # noqa: E402
 
 SHAPES = [(4096, 16384), (16384, 65536), (65536, 262144)]  # (queries of one rank, keys)
-
-
-def time_ms(fn, repeat=7):
-    times = []
-    for _ in range(repeat + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[1:])
 
 
 def main():
@@ -46,10 +34,10 @@ def main():
         k = (torch.randn(1, L, D, device=dev, generator=g) * 0.5 + 0.2).bfloat16()
         v = (torch.randn(1, L, D, device=dev, generator=g) + 0.5).bfloat16()
         flop = 4 * Lq * L * D
-        flash = time_ms(lambda q=q, k=k, v=v: kernels.attention(q, k, v))
+        flash = cuda_median_ms(lambda q=q, k=k, v=v: kernels.attention(q, k, v), repeat=7)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        gemm = time_ms(lambda q=q, k=k, v=v: kernels.gemm_attention(q, k, v))
+        gemm = cuda_median_ms(lambda q=q, k=k, v=v: kernels.gemm_attention(q, k, v), repeat=7)
         extra = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
         n = 512
         ref = F.scaled_dot_product_attention(q[:, None, :n].float(), k[:, None].float(), v[:, None].float())[:, 0]

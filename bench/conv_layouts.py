@@ -10,34 +10,30 @@ without cudnn.benchmark, plus the matrix-rate ceiling.
 
 from __future__ import annotations
 
-import statistics
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.timing import cuda_median_ms  # noqa: E402
+
+
+def timed(fn) -> float:
+    return cuda_median_ms(fn, repeat=20, warmup=3)  # short kernels: more calls than the default
+
+
 # (channels, rows, cols) of a decoder level's activations for one rank's band of a 2048² image on 4 GPUs
 LEVELS_2048 = [(512, 64, 256), (512, 128, 512), (256, 256, 1024), (128, 512, 2048)]
-
-
-def time_ms(fn, repeat=20):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main():
     dev = torch.device("cuda:0")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cudnn {torch.backends.cudnn.version()}")
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    mm = time_ms(lambda: a @ a)
+    mm = timed(lambda: a @ a)
     print(f"bf16 matmul 8192³: {mm:.2f} ms = {2 * 8192**3 / mm / 1e9:.0f} TFLOP/s")
     print("| level C×H×W | scale | NCHW ms | NCHW TFLOP/s | NHWC ms | NHWC TFLOP/s | NCHW bench | NHWC bench |")
     print("|---|---|---|---|---|---|---|---|")
@@ -52,8 +48,8 @@ def main():
             cells = []
             for benchmark in (False, True):
                 torch.backends.cudnn.benchmark = benchmark
-                nchw = time_ms(lambda x=x, wt=wt, bias=bias: F.conv2d(x, wt, bias, padding=1))
-                nhwc = time_ms(lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1))
+                nchw = timed(lambda x=x, wt=wt, bias=bias: F.conv2d(x, wt, bias, padding=1))
+                nhwc = timed(lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1))
                 cells.append((nchw, nhwc))
             (n0, h0), (n1, h1) = cells
             same = (F.conv2d(x, wt, bias, padding=1) - F.conv2d(xl, wl, bias, padding=1)).abs().max().item()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -19,18 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bagel_vae_pp.bagel.config import CONFIGS  # noqa: E402
 from bagel_vae_pp.bagel.model import EMPTY_CONTEXT  # noqa: E402
 from bagel_vae_pp.bagel.tiny import random_bagel  # noqa: E402
-
-
-def time_ms(fn, repeat=5):
-    times = []
-    for _ in range(repeat + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[1:])
+from bench.timing import cuda_median_ms  # noqa: E402
 
 
 def main():
@@ -45,13 +33,13 @@ def main():
     with torch.inference_mode():
         ctx = model.prefill_text(EMPTY_CONTEXT, list(range(1000, 1034)))
         block = torch.randn(n + 2, D, device=dev, dtype=torch.bfloat16)
-        pass_ms = time_ms(lambda: model.velocity(ctx, block))
+        pass_ms = cuda_median_ms(lambda: model.velocity(ctx, block))
         flop = 2 * n * sum(p.numel() for name, p in model.language_model.named_parameters() if "moe_gen" in name)
         print(f"velocity pass, {n} latent tokens: {pass_ms:.1f} ms; gen-expert matmul FLOP {flop / 1e12:.1f} T "
               f"-> {flop / pass_ms / 1e9:.0f} TFLOP/s")  # fmt: skip
         a = torch.randn(n, D, device=dev, dtype=torch.bfloat16)
         w = torch.randn(4 * 4736, D, device=dev, dtype=torch.bfloat16)
-        mm = time_ms(lambda: torch.nn.functional.linear(a, w))
+        mm = cuda_median_ms(lambda: torch.nn.functional.linear(a, w))
         print(f"linear {n}x{D} @ {D}x{w.shape[0]}: {mm:.2f} ms = {2 * n * D * w.shape[0] / mm / 1e9:.0f} TFLOP/s")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model.velocity(ctx, block)

@@ -18,20 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bagel_vae_pp.autoencoder import random_autoencoder  # noqa: E402
 from bagel_vae_pp.collectives import Shard  # noqa: E402
 from bagel_vae_pp.sharded import decode_band, encode_band  # noqa: E402
+from bench.timing import cuda_median_ms  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def median_ms(fn, repeat=5):
-    times = []
-    for _ in range(repeat + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def main():
@@ -56,7 +45,7 @@ def main():
             torch.backends.cudnn.benchmark = benchmark
             for name, fn in cases.items():
                 torch.cuda.reset_peak_memory_stats()
-                ms = median_ms(fn)
+                ms = cuda_median_ms(fn)
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 print(f"{name} (cudnn.benchmark={benchmark}): {ms:.1f} ms, peak {peak:.2f} GiB", flush=True)
         torch.backends.cudnn.benchmark = False
