@@ -140,6 +140,15 @@ class TestAttentionKernel:
         assert out.isfinite().all() and rel_err(out, sdpa64(q, k, v)) < 1e-2
 
 
+def assert_stats_match_fp64(gn, x, groups, mean_tol, var_tol):
+    """The kernel statistics of x (config b2048w4): fp32 [B, G] each, within (rtol, atol) of float64."""
+    mean, var = gn.group_stats(x, groups, config="b2048w4")
+    ref_mean, ref_var = stats64(x, groups)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (x.shape[0], groups)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=mean_tol[0], atol=mean_tol[1])
+    torch.testing.assert_close(var.double(), ref_var, rtol=var_tol[0], atol=var_tol[1])
+
+
 @needs_triton
 class TestGroupNormKernels:
     """The Triton GroupNorm statistics and apply under the interpreter."""
@@ -152,11 +161,7 @@ class TestGroupNormKernels:
         monkeypatch.setattr(gn, "STATS_PROGRAMS", programs)
         torch.manual_seed(sum(shape) + programs)
         x = (torch.randn(shape) * 3 + 2).to(dtype)
-        mean, var = gn.group_stats(x, groups, config="b2048w4")
-        ref_mean, ref_var = stats64(x, groups)
-        assert mean.dtype == var.dtype == torch.float32 and mean.shape == (shape[0], groups)
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+        assert_stats_match_fp64(gn, x, groups, (1e-5, 1e-5), (1e-5, 1e-5))
 
     def test_stats_large_mean_small_spread(self, interp, monkeypatch):
         """mean 1000, std 0.01: a sum of squares in fp32 would lose every digit of the variance."""
@@ -164,10 +169,7 @@ class TestGroupNormKernels:
         monkeypatch.setattr(gn, "STATS_PROGRAMS", 2)
         torch.manual_seed(11)
         x = torch.randn(1, 4, 64, 80) * 0.01 + 1000
-        mean, var = gn.group_stats(x, 2, config="b2048w4")
-        ref_mean, ref_var = stats64(x, 2)
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
-        torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+        assert_stats_match_fp64(gn, x, 2, (1e-6, 0), (1e-3, 0))
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
     @pytest.mark.parametrize("silu", [False, True])
@@ -220,11 +222,7 @@ class TestGroupNormKernelsNHWC:
         torch.manual_seed(sum(shape) + programs)
         x = channels_last((torch.randn(shape) * 3 + 2).to(dtype))
         assert gn._kernel_layout(x) == "nhwc"
-        mean, var = gn.group_stats(x, groups, config="b2048w4")
-        ref_mean, ref_var = stats64(x, groups)
-        assert mean.dtype == var.dtype == torch.float32 and mean.shape == (shape[0], groups)
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+        assert_stats_match_fp64(gn, x, groups, (1e-5, 1e-5), (1e-5, 1e-5))
 
     def test_stats_large_mean_small_spread(self, interp, monkeypatch):
         """mean 1000, std 0.01: a sum of squares in fp32 would lose every digit of the variance."""
@@ -232,10 +230,7 @@ class TestGroupNormKernelsNHWC:
         monkeypatch.setattr(gn, "STATS_PROGRAMS", 2)
         torch.manual_seed(12)
         x = channels_last(torch.randn(1, 64, 24, 40) * 0.01 + 1000)
-        mean, var = gn.group_stats(x, 8, config="b2048w4")
-        ref_mean, ref_var = stats64(x, 8)
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
-        torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+        assert_stats_match_fp64(gn, x, 8, (1e-6, 0), (1e-3, 0))
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     @pytest.mark.parametrize("silu", [False, True])
