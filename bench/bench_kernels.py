@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import cuda_call_ms  # noqa: E402
+
 # `kernels.attention` is the function; the module (configs, the jit kernel) is reached by its full name
 attn_mod = importlib.import_module("bagel_vae_pp.kernels.attention")
 gn_mod = importlib.import_module("bagel_vae_pp.kernels.group_norm")
@@ -45,12 +47,7 @@ def median_ms(fn, budget_ms: float = 300.0, max_reps: int = 50) -> float:
     torch.cuda.synchronize()
     times = []
     while len(times) < 3 or (sum(times) < budget_ms and len(times) < max_reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(cuda_call_ms(fn))
     return statistics.median(times)
 
 
