@@ -108,6 +108,11 @@ class VAEWorkerPool:
         return (spec,)
 
 
+def host_hooks() -> dict:
+    """What a pool job takes from ComfyUI: its interrupt, a progress bar, and room made on the pool's GPUs."""
+    return {"interrupt": host.throw_if_interrupted, "progress": host.Progress(100), "make_room": host.make_room}
+
+
 class DistributedVAEDecode:
     TITLE = "Distributed VAE Decode"
     CATEGORY = CATEGORY
@@ -134,17 +139,8 @@ class DistributedVAEDecode:
         }
 
     def execute(self, samples, vae, mode, tile_size, overlap, pool=None):
-        image = pool_for(pool).decode(
-            host.vae_module(vae),
-            samples["samples"],
-            mode,
-            tile_size,
-            overlap,
-            interrupt=host.throw_if_interrupted,
-            progress=host.Progress(100),
-            make_room=host.make_room,
-        )
-        return (image,)
+        workers = pool_for(pool)
+        return (workers.decode(host.vae_module(vae), samples["samples"], mode, tile_size, overlap, **host_hooks()),)
 
 
 class DistributedVAEEncode:
@@ -173,16 +169,7 @@ class DistributedVAEEncode:
         }
 
     def execute(self, pixels, vae, mode, tile_size, overlap, pool=None):
-        latent = pool_for(pool).encode(
-            host.vae_module(vae),
-            pixels,
-            mode,
-            tile_size,
-            overlap,
-            interrupt=host.throw_if_interrupted,
-            progress=host.Progress(100),
-            make_room=host.make_room,
-        )
+        latent = pool_for(pool).encode(host.vae_module(vae), pixels, mode, tile_size, overlap, **host_hooks())
         return ({"samples": latent},)
 
 
