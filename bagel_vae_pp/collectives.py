@@ -72,10 +72,13 @@ class Shard:
 
 def agree_cancel(shard: Shard, device: torch.device) -> None:
     """Raise JobCancelled on every rank if any rank sees the cancel flag now (a host sync: between graphs)."""
-    flag = torch.tensor([float(shard.is_cancelled())], device=device)
-    if shard.world > 1:
+    if shard.world == 1:  # nobody to agree with: no device round trip
+        cancelled = shard.is_cancelled()
+    else:
+        flag = torch.tensor([float(shard.is_cancelled())], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=shard.group)
-    if flag.item():
+        cancelled = bool(flag.item())
+    if cancelled:
         raise JobCancelled("cancelled")
 
 
