@@ -78,7 +78,9 @@ class WorkerPool:
         self.last_replies: list[dict] = []  # the workers' replies to the last job (timings, peak memory)
         self.last_timing: dict = {}
         self.owing: dict = {}  # rank -> conn of a cancelled job whose reply has not been read yet
-        self.staged: tuple[str, Tensor] | None = None  # the input file kept across jobs, and its mapping
+        self.staged: tuple[str, Tensor] | None = None  # the input file kept across jobs, and its flat mapping
+        self.outputs: shm.OutputFiles | None = None
+        self.released: list[str] = []  # files unlinked since the last job; workers unmap them with the next
 
     @property
     def is_running(self) -> bool:
@@ -93,6 +95,7 @@ class WorkerPool:
             self.dir = shm.make_private_dir("bagel_vae_pp-")
             self.control = shm.create(os.path.join(self.dir, "control"), (4,), torch.int64)
             self.control[CANCEL] = -1
+            self.outputs = shm.OutputFiles(self.dir)
             env = {
                 **os.environ,
                 "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
@@ -162,7 +165,7 @@ class WorkerPool:
             conn.close()
         self.procs, self.conns, self.owing = [], [], {}
         self.control = None
-        self.staged = None
+        self.staged, self.outputs, self.released = None, None, []
         self.vae_ref, self.vae_params = None, None
         if self.dir:
             shm.remove_dir(self.dir)
@@ -302,6 +305,7 @@ class WorkerPool:
                 out_shape = (B, data.shape[2] * s, data.shape[3] * s, params.out_ch)
             else:
                 out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
+            self.released += self.outputs.trim()
             shm.check_room(self.dir, [data.shape, out_shape], "samples" if op == "decode" else "pixels")
             checked = time.time()
             self.job_id += 1
@@ -311,41 +315,41 @@ class WorkerPool:
             if make_room is not None:
                 image_px = out_shape[1] * out_shape[2] if op == "decode" else data.shape[1] * data.shape[2]
                 make_room(self.spec.devices, self.peak_bytes_per_worker(op, image_px, mode, tile_px))
-            out_path = os.path.join(self.dir, f"job{self.job_id}.out")
-            try:
-                out = shm.create(out_path, out_shape)
-                self.control[DONE], self.control[TOTAL] = 0, 0
-                job = {
-                    "op": op,
-                    "job": self.job_id,
-                    "mode": mode,
-                    "tile_px": tile_px,
-                    "overlap_px": overlap_px,
-                    "input": in_path,
-                    "input_shape": list(data.shape),
-                    "output": out_path,
-                    "output_shape": list(out_shape),
-                }
-                staged = time.time()
-                self.send_all(job, op)
-                self.last_replies = self.wait_all(
-                    op, time.monotonic() + self.deadline_s(out_shape, op), interrupt, progress
-                )
-                self.last_timing = timing(entered, checked, staged, self.last_replies)
-            finally:
-                shm.unlink(out_path)
+            out_path, out = self.outputs.acquire(out_shape)
+            self.control[DONE], self.control[TOTAL] = 0, 0
+            job = {
+                "op": op,
+                "job": self.job_id,
+                "mode": mode,
+                "tile_px": tile_px,
+                "overlap_px": overlap_px,
+                "input": in_path,
+                "input_shape": list(data.shape),
+                "output": out_path,
+                "output_shape": list(out_shape),
+                "release": self.released,
+            }
+            staged = time.time()
+            self.send_all(job, op)
+            self.released = []
+            self.last_replies = self.wait_all(
+                op, time.monotonic() + self.deadline_s(out_shape, op), interrupt, progress
+            )
+            self.last_timing = timing(entered, checked, staged, self.last_replies)
             return out
 
     def input_buffer(self, shape: tuple[int, ...]) -> tuple[str, Tensor]:
-        """The shared file for a job's input, kept while jobs keep its shape: the first write to a fresh file
+        """The shared file for a job's input, kept while jobs keep its size: the first write to a fresh file
         takes a page fault per 4 KiB (15 ms for a 16 MB latent on a GPU VM); the workers keep it mapped too."""
-        if self.staged is None or tuple(self.staged[1].shape) != shape:
+        numel = math.prod(shape)
+        if self.staged is None or self.staged[1].numel() != numel:
             if self.staged is not None:
                 shm.unlink(self.staged[0])
+                self.released.append(self.staged[0])
                 self.staged = None
             path = os.path.join(self.dir, f"input{self.job_id}")
-            self.staged = (path, shm.create(path, shape))
-        return self.staged
+            self.staged = (path, shm.create(path, (numel,)))
+        return self.staged[0], self.staged[1].view(shape)
 
     def deadline_s(self, out_shape, op) -> float:
         pixels = math.prod(out_shape[:3]) if op == "decode" else math.prod(out_shape[:1] + out_shape[2:]) * 64

@@ -89,7 +89,7 @@ class Worker:
         channels_last = self.device.type == "cuda" and os.environ.get(CHANNELS_LAST_SWITCH, "1") != "0"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.job_id = -1
-        self.input: tuple[str, torch.Tensor] | None = None  # (path, mapping) of the host's input file
+        self.files = shm.Mappings(self.device)  # the host's input and output files, kept mapped (and pinned)
         check_device(self.device, cfg["dtype"])
         torch.set_num_threads(cpu_threads(self.device, cfg["world"]))
         self.groups = init_group(cfg)
@@ -122,8 +122,10 @@ class Worker:
         self.job_id = msg["job"]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        inp = self.mapped_input(msg["input"], tuple(msg["input_shape"]))
-        out = shm.attach(msg["output"], tuple(msg["output_shape"]))
+        for path in msg["release"]:
+            self.files.drop(path)
+        inp = self.files.get(msg["input"], tuple(msg["input_shape"]))
+        out = self.files.get(msg["output"], tuple(msg["output_shape"]))
         start = time.perf_counter()
         run_job(self.model, msg, inp, out, self.rank())
         if self.device.type == "cuda":
@@ -133,12 +135,6 @@ class Worker:
             # replays of captured graphs run in memory held outside the allocated-bytes statistics
             reply["peak_bytes"] = torch.cuda.max_memory_allocated(self.device) + self.graphs.pool_bytes
         return reply
-
-    def mapped_input(self, path: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The host reuses one input file while the shape stays; so does this mapping (no fresh page faults)."""
-        if self.input is None or self.input[0] != path:
-            self.input = (path, shm.attach(path, shape))
-        return self.input[1]
 
     def serve(self) -> bool:
         """Answer the host until it says shutdown (False) or its end of the socket closes (True)."""

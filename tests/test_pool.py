@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from bagel_vae_pp import shm
 from bagel_vae_pp.pool import PoolSpec, WorkerPool
 
 TOL = {"rtol": 0, "atol": 1e-4}  # fp32: images live in [0, 1], so this is also ~1e-4 relative
@@ -133,3 +134,73 @@ class TestLifecycle:
         seen = []
         cpu_pool(2).decode(tiny_vae, sky_and_ground(1, 16, 4, 4), progress=lambda d, t: seen.append((d, t)))
         assert seen and seen[-1][0] == seen[-1][1]
+
+
+class TestSharedFiles:
+    """Output files are reused once the caller drops the image (fresh shared memory faults per 4 KiB page):
+    never while a tensor on them lives, never with stale rows, and never more than keep_free of them idle."""
+
+    def test_an_image_still_held_is_never_overwritten(self, cpu_pool, tiny_vae):
+        pool = cpu_pool(3)
+        first_latent, second_latent = sky_and_ground(1, 16, 7, 5, seed=1), sky_and_ground(1, 16, 7, 5, seed=2)
+        first = pool.decode(tiny_vae, first_latent)
+        kept = first.clone()
+        row = first[0, 3]  # a view keeps the file as busy as the tensor does
+        del first
+        second = pool.decode(tiny_vae, second_latent)
+        torch.testing.assert_close(second, reference_decode(tiny_vae, second_latent), **TOL)
+        assert torch.equal(row, kept[0, 3])
+
+    def test_a_dropped_image_lends_its_file_to_the_next_job_with_no_stale_rows(self, cpu_pool, tiny_vae):
+        pool = cpu_pool(2)
+        address = pool.decode(tiny_vae, sky_and_ground(1, 16, 6, 4, seed=3)).data_ptr()  # dropped at once
+        for seed in (4, 5, 6):
+            latent = sky_and_ground(1, 16, 6, 4, seed=seed)
+            out = pool.decode(tiny_vae, latent)
+            assert out.data_ptr() == address  # the same file, through the host's one mapping of it
+            torch.testing.assert_close(out, reference_decode(tiny_vae, latent), **TOL)
+            del out
+
+    def test_idle_files_beyond_keep_free_are_unlinked_and_unmapped_by_the_workers(self, cpu_pool, tiny_vae):
+        pool = cpu_pool(2)
+        outputs = lambda: sorted(f for f in os.listdir(pool.dir) if f.startswith("output"))  # noqa: E731
+        held = [pool.decode(tiny_vae, sky_and_ground(1, 16, 3, 3 + i)) for i in range(4)]  # four sizes, all held
+        assert len(outputs()) >= 4
+        del held
+        pool.decode(tiny_vae, sky_and_ground(1, 16, 3, 8))  # the next job trims the idle ones
+        assert len(outputs()) <= pool.outputs.keep_free + 1
+        monkeypatch_keep, pool.outputs.keep_free = pool.outputs.keep_free, 0
+        try:
+            pool.decode(tiny_vae, sky_and_ground(1, 16, 3, 9))  # trims the file the workers wrote last job
+        finally:
+            pool.outputs.keep_free = monkeypatch_keep
+        for proc in pool.procs:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                mapped = {line.split(None, 5)[5].strip() for line in f if f"{pool.dir}/output" in line}
+            assert mapped and not any(path.endswith("(deleted)") for path in mapped), mapped
+
+
+class TestOutputFiles:
+    def test_busy_until_the_last_view_dies(self, tmp_path):
+        files = shm.OutputFiles(str(tmp_path), keep_free=1)
+        path, t = files.acquire((2, 3))
+        t.fill_(7.0)
+        view = t[1]
+        del t
+        other, u = files.acquire((2, 3))
+        assert other != path and torch.equal(view, torch.full((3,), 7.0))
+        del view
+        again, _ = files.acquire((3, 2))  # same size, other shape: reused
+        assert again == path
+        del u
+        assert files.trim() == [] and os.path.exists(other)  # one idle file is within keep_free
+
+    def test_trim_unlinks_the_least_recently_used_idle_files(self, tmp_path):
+        files = shm.OutputFiles(str(tmp_path), keep_free=1)
+        paths = [files.acquire((4,))[0] for _ in range(3)]  # each tensor dropped at once: all idle
+        assert len(set(paths)) == 1  # ... so each acquire reused the first
+        held = [files.acquire((5,)), files.acquire((5,)), files.acquire((6,))]
+        del held
+        released = files.trim()
+        assert len(released) == 3 and not any(os.path.exists(p) for p in released)
+        assert len(os.listdir(tmp_path)) == 1
