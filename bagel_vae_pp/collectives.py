@@ -116,8 +116,8 @@ def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
     return rows if async_op else rows()
 
 
-def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
-    """Per-(sample, group) mean and biased variance over all ranks' rows, in fp32. [B, G] each.
+def group_stats(x: Tensor, groups: int, shard: Shard, x_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(sample, group) mean and biased variance of x (+ x_bias [C]) over all ranks' rows, in fp32. [B, G] each.
 
     Each rank reduces its band to (mean, variance) in fp32; one all_gather of that small vector lets every rank
     merge them with Chan's formula, var = sum_r w_r (var_r + (mean_r - mean)^2), which stays exact when bands
@@ -126,7 +126,7 @@ def group_stats(x: Tensor, groups: int, shard: Shard) -> tuple[Tensor, Tensor]:
     cancel flag rides along.
     """
     B = x.shape[0]
-    mean, var = kernels.group_stats(x, groups)  # [B, G] fp32
+    mean, var = kernels.group_stats(x, groups, x_bias=x_bias)  # [B, G] fp32
     if shard.world == 1:
         if shard.is_cancelled():
             raise JobCancelled("cancelled")

@@ -1,7 +1,8 @@
 """Band-parallel forward of the autoencoder: each rank runs the same modules on its own rows.
 
 Mirrors `autoencoder.py` layer by layer, replacing the three operations that look beyond a row band:
-3x3 convolutions take halo rows from the neighbours (zero padding only at the true image edge),
+3x3 convolutions take halo rows from the neighbours (zero padding only at the true image edge; the decoder's
+nearest-2x + 3x3 conv runs as one folded 2x2 conv per output phase, at a quarter of the pixels),
 GroupNorm uses statistics merged over all ranks, and mid-block attention lets each rank's query rows
 attend to keys/values gathered from every rank. With one rank this is the plain forward.
 """
@@ -28,28 +29,71 @@ from .autoencoder import (
 )
 from .collectives import Shard, exchange_halo, gather_tokens, group_stats
 
-ATTENTION_SWITCH = "BAGEL_VAE_PP_ATTENTION"  # "gemm" (default on GPUs) or "flash"
+ATTENTION_SWITCH = "BAGEL_VAE_PP_ATTENTION"  # "split" (default on GPUs), "gemm" or "flash"
+ATTENTION_FORMS = {"gemm": kernels.gemm_attention, "split": kernels.split_attention, "flash": kernels.attention}
 
 
-def conv3x3(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
+def conv3x3(conv: nn.Conv2d, x: Tensor, shard: Shard, with_bias: bool = True) -> Tensor:
     """3x3 stride-1 conv of a band: the whole band with zero padding, then its first and last rows redone
     from 3-row strips that include the neighbours' rows. No copy of the band; the halo exchange runs while
-    the big convolution does."""
+    the big convolution does. Without `with_bias` the conv's bias is left for the caller to fold in."""
+    bias = conv.bias if with_bias else None
     if shard.world == 1:
-        return conv(x)
+        return F.conv2d(x, conv.weight, bias, padding=1)
     if x.shape[2] < 2:
         above, below = exchange_halo(x, shard)
         return F.conv2d(
-            torch.cat([edge_row(above, x), x, edge_row(below, x)], dim=2), conv.weight, conv.bias, padding=(0, 1)
+            torch.cat([edge_row(above, x), x, edge_row(below, x)], dim=2), conv.weight, bias, padding=(0, 1)
         )
     pending = exchange_halo(x, shard, async_op=True)
-    y = conv(x)
+    y = F.conv2d(x, conv.weight, bias, padding=1)
     above, below = pending()
     if above is not None:
-        y[:, :, :1] = F.conv2d(torch.cat([above, x[:, :, :2]], dim=2), conv.weight, conv.bias, padding=(0, 1))
+        y[:, :, :1] = F.conv2d(torch.cat([above, x[:, :, :2]], dim=2), conv.weight, bias, padding=(0, 1))
     if below is not None:
-        y[:, :, -1:] = F.conv2d(torch.cat([x[:, :, -2:], below], dim=2), conv.weight, conv.bias, padding=(0, 1))
+        y[:, :, -1:] = F.conv2d(torch.cat([x[:, :, -2:], below], dim=2), conv.weight, bias, padding=(0, 1))
     return y
+
+
+def upsample_conv(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
+    """conv(nearest2x(x)) of a band, without the 2x-upsampled input: nearest-2x repeats each pixel, so output
+    phase (a, b) in {0,1}² is a 2x2 conv of x whose taps are sums of the 3x3 taps (16 per input pixel instead
+    of 36). The four phases run as one conv with 4*Co outputs; Z = conv2d(x, K, padding=1) is [B, 4*Co, H+1,
+    W+1] and Y[2i+a, 2j+b] = Z[i+a, j+b] in phase 2a+b's channels.
+
+    Only Z's first row reads the row above the band, and only its last row the row below: as in conv3x3 the
+    band runs with zero padding while the halo travels, then those two rows are redone from 2-row strips. For
+    a 1-row band they are still two distinct rows, so it needs no special path.
+    """
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output keeps the band's layout
+    weight = fold_phases(conv.weight).to(conv.weight.dtype, memory_format=fmt)  # [4*Co, C, 2, 2]
+    pending = exchange_halo(x, shard, async_op=True)
+    z = F.conv2d(x, weight, padding=1)  # [B, 4*Co, H+1, W+1]; the bias is added while interleaving
+    above, below = pending()
+    if above is not None:
+        z[:, :, :1] = F.conv2d(torch.cat([above, x[:, :, :1]], dim=2), weight, padding=(0, 1))
+    if below is not None:
+        z[:, :, -1:] = F.conv2d(torch.cat([x[:, :, -1:], below], dim=2), weight, padding=(0, 1))
+    return kernels.interleave_phases(z.contiguous(memory_format=fmt), conv.bias)  # [B, Co, 2H, 2W], as x
+
+
+def fold_phases(w: Tensor) -> Tensor:
+    """3x3 weights [Co, C, 3, 3] -> the four phases' 2x2 weights [4*Co, C, 2, 2], phase 2a+b major.
+
+    Summed in (at least) fp32 so that the caller's cast rounds each folded weight once."""
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    w = fold_taps(w, 2)  # [2 (a), Co, C, 2, 3]
+    w = fold_taps(w, 4)  # [2 (b), 2 (a), Co, C, 2, 2]
+    return w.transpose(0, 1).flatten(0, 2)
+
+
+def fold_taps(w: Tensor, dim: int) -> Tensor:
+    """Taps (0, 1, 2) along `dim` -> phase 0's (0, 1+2) and phase 1's (0+1, 2), stacked in a new dim 0.
+
+    Output row 2i reads input rows (i-1, i, i) through taps (0, 1, 2), row 2i+1 reads (i, i, i+1)."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)])
 
 
 def edge_row(row: Tensor | None, x: Tensor) -> Tensor:
@@ -69,19 +113,26 @@ def downsample(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
     return y
 
 
-def group_norm(norm: nn.GroupNorm, x: Tensor, shard: Shard, silu: bool = False) -> Tensor:
-    mean, var = group_stats(x, norm.num_groups, shard)  # [B, G] fp32
-    y = kernels.group_norm_apply(x, mean, torch.rsqrt(var + norm.eps), norm.weight, norm.bias, norm.num_groups, silu)
+def group_norm(norm: nn.GroupNorm, x: Tensor, shard: Shard, silu: bool = False, x_bias: Tensor | None = None):
+    """norm(x + x_bias) (x_bias: [C], the bias its conv left out, or None), SiLU after it if asked."""
+    mean, var = group_stats(x, norm.num_groups, shard, x_bias)  # [B, G] fp32
+    rstd = torch.rsqrt(var + norm.eps)
+    y = kernels.group_norm_apply(x, mean, rstd, norm.weight, norm.bias, norm.num_groups, silu, x_bias=x_bias)
     shard.on_layer()
     return y
 
 
 def resnet(block: ResnetBlock, x: Tensor, shard: Shard) -> Tensor:
-    h = conv3x3(block.conv1, group_norm(block.norm1, x, shard, silu=True), shard)
-    h = conv3x3(block.conv2, group_norm(block.norm2, h, shard, silu=True), shard)
+    # The convs leave out their bias (cuDNN adds one in a slow pass of its own over a channels_last output):
+    # conv1's is folded into norm2, conv2's (and the shortcut's) into the closing sum.
+    h = conv3x3(block.conv1, group_norm(block.norm1, x, shard, silu=True), shard, with_bias=False)
+    h = group_norm(block.norm2, h, shard, silu=True, x_bias=block.conv1.bias)
+    h = conv3x3(block.conv2, h, shard, with_bias=False)
+    bias = block.conv2.bias
     if hasattr(block, "nin_shortcut"):
-        x = block.nin_shortcut(x)
-    return x + h
+        x = F.conv2d(x, block.nin_shortcut.weight)
+        bias = bias + block.nin_shortcut.bias
+    return kernels.residual_add_(h, x, bias)
 
 
 def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
@@ -91,9 +142,10 @@ def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
     q = linear_1x1(attn.q, h)  # [B, H*W, C]
     k = gather_tokens(linear_1x1(attn.k, h), shard)  # [B, L, C]
     v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L, C]
-    # On GPUs the GEMM form beats the flash kernel at D = 512 (kernels/gemm_attention.py); "flash" compares.
-    use_gemm = q.is_cuda and os.environ.get(ATTENTION_SWITCH, "gemm") == "gemm"
-    h = (kernels.gemm_attention if use_gemm else kernels.attention)(q, k, v)  # [B, H*W, C]
+    # At D = 512 on an H100 the split form (two Triton GEMMs, bf16 probabilities stored once) ran 1.77x the GEMM
+    # form (cuBLAS around an fp32 score matrix), which ran 1.5x the flash kernel (bench/attention_forms.py).
+    form = ATTENTION_FORMS[os.environ.get(ATTENTION_SWITCH, "split")] if q.is_cuda else kernels.attention
+    h = form(q, k, v)  # [B, H*W, C]
     return x + from_tokens(linear_1x1(attn.proj_out, h), H, W)
 
 
@@ -120,7 +172,7 @@ def decoder_forward(dec: Decoder, z: Tensor, shard: Shard) -> Tensor:
         for block in stage.block:
             h = resnet(block, h, shard)
         if hasattr(stage, "upsample"):
-            h = conv3x3(stage.upsample.conv, F.interpolate(h, scale_factor=2.0, mode="nearest"), shard)
+            h = upsample_conv(stage.upsample.conv, h, shard)
     return conv3x3(dec.conv_out, group_norm(dec.norm_out, h, shard, silu=True), shard)
 
 

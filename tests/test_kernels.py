@@ -1,10 +1,11 @@
-"""Triton kernels (attention, GroupNorm statistics / apply) against float64 torch references.
+"""Triton kernels (attention in three forms, GroupNorm statistics / apply) against float64 torch references.
 
 The kernel tests run the real kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)
 and are skipped where Triton is not installed; the fallback tests always run. Inputs are fresh random
 draws with non-zero means (randn * 3 + 2 and the like), so a wrong mean or variance shows.
 """
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from bagel_vae_pp import kernels
 from bagel_vae_pp.kernels.gemm_attention import softmax_rows
+from bagel_vae_pp.kernels.split_attention import LOG2E, pick_key_splits
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -85,7 +87,7 @@ def test_interpreted_kernels_in_subprocess():
     if not HAS_TRITON or INTERPRETING:
         pytest.skip("no triton (CI)" if not HAS_TRITON else "interpreting already: the kernel classes run here")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    select = "AttentionKernel or GroupNormKernels"
+    select = "Kernel and not subprocess"  # every Test*Kernel* class
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", select]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
@@ -318,6 +320,95 @@ class TestGemmAttentionKernel:
         assert rel_err(out, sdpa64(q[:, None], k[:, None], v[:, None])[:, 0]) < 1e-2
 
 
+def sdpa64_3d(q, k, v):
+    """fp64 attention of [B, L, D] tensors."""
+    return sdpa64(q[:, None], k[:, None], v[:, None])[:, 0]
+
+
+# bf16: the output's own rounding is ~1.7e-3 relative, which the interpreter's round-toward-zero doubles, and P's
+# rounding adds as much again: 3.4e-3 (6e-3 through the kernel's bf16 store) here, as gemm_attention's P gives;
+# 1e-2 as in the other attention tests. fp16 carries 3 more bits: 2.4e-4 here, bound 1e-3.
+SPLIT_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+@needs_triton
+class TestSplitAttentionKernel:
+    """The split attention (kernels/split_attention.py): scores -> stored P, stats merge, scaled P v."""
+
+    @pytest.mark.parametrize(
+        "D, Lq, L, configs, key_splits",
+        [
+            (64, 70, 300, (None, None), None),  # keys 2 x 128 + 44, rows 70 of a 128-row tile
+            (512, 33, 129, (None, None), 1),  # a 1-key last tile; the direct epilogue (no partial sums)
+            (512, 20, 300, (None, None), 3),  # one key tile a split, the last one ragged
+            (64, 150, 200, ("m64n64k64w4s2", "m64n64k64w4s2"), None),  # 3 row tiles, an 8-key tail step
+            (128, 64, 96, ("m128n128k64w8s3", "m64n64k64w4s2"), 1),  # BM != BM2; 2 output column tiles
+        ],
+    )
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_matches_fp64_sdpa(self, interp, D, Lq, L, configs, key_splits, dtype):
+        torch.manual_seed(1000 * D + Lq + L)
+        q = (torch.randn(2, Lq, D) * 2 + 0.5).to(dtype)
+        k = (torch.randn(2, L, D) + 0.3).to(dtype)
+        v = (torch.randn(2, L, D) * 3 + 2).to(dtype)
+        out = interp[0].split_attention(q, k, v, scores_config=configs[0], pv_config=configs[1], key_splits=key_splits)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert rel_err(out, sdpa64_3d(q, k, v)) < SPLIT_TOL[dtype]
+
+    def test_large_scores_stay_finite(self, interp):
+        """Inputs x30: scores of thousands, one key per row dominates; p and the sums must not overflow."""
+        torch.manual_seed(3)
+        q, k, v = ((torch.randn(2, n, 64) * 30).bfloat16() for n in (70, 300, 300))
+        v = v / 30
+        out = interp[0].split_attention(q, k, v)
+        assert out.isfinite().all() and rel_err(out, sdpa64_3d(q, k, v)) < 1e-2
+
+    @pytest.mark.parametrize("merge_tiles", [64, 2])
+    def test_tile_maxima_far_apart(self, interp, monkeypatch, merge_tiles):
+        """Rows whose key tiles' maxima differ by > 100 in log2 units, the winning tile first or last (ragged):
+        the losing tiles' rescale underflows to 0. merge_tiles=2 merges the 3 tiles' stats in two steps."""
+        monkeypatch.setattr(importlib.import_module("bagel_vae_pp.kernels.split_attention"), "MERGE_TILES", merge_tiles)
+        torch.manual_seed(4)
+        D, Lq, L = 64, 40, 300  # key tiles [0, 128), [128, 256), [256, 300) at block_n = 128
+        q, k = torch.randn(2, Lq, D), torch.randn(2, L, D)
+        q[:, :, 0] = 32 * torch.tensor([1.0, -1.0]).repeat(Lq // 2)  # even rows favour tile 0, odd rows tile 2
+        k[:, :, 0] = 32 * torch.cat([torch.ones(128), torch.zeros(128), -torch.ones(L - 256)])
+        q, k, v = q.bfloat16(), k.bfloat16(), (torch.randn(2, L, D) * 3 + 2).bfloat16()
+        s = (q.double() @ k.double().transpose(1, 2)) * (LOG2E / D**0.5)  # [B, Lq, L], log2 units
+        tile_max = torch.stack([s[..., a : a + 128].amax(-1) for a in (0, 128, 256)], -1)  # [B, Lq, 3]
+        gap = tile_max.amax(-1) - tile_max.median(-1).values  # the winner over the runner-up
+        assert gap.min() > 100
+        out = interp[0].split_attention(q, k, v)
+        assert out.isfinite().all() and rel_err(out, sdpa64_3d(q, k, v)) < 1e-2
+
+    def test_query_blocks_give_the_same_result(self, interp):
+        """A byte budget of one 64-row tile: 150 queries in 3 blocks (the last 22 rows), bit-identical output."""
+        torch.manual_seed(6)
+        q = (torch.randn(2, 150, 128) * 2 + 0.5).bfloat16()
+        k = (torch.randn(2, 200, 128) + 0.3).bfloat16()
+        v = (torch.randn(2, 200, 128) * 3 + 2).bfloat16()
+        small = dict(scores_config="m64n64k64w4s2", pv_config="m64n64k64w4s2", key_splits=2)
+        whole = interp[0].split_attention(q, k, v, **small)
+        blocks = interp[0].split_attention(q, k, v, p_bytes=64 * 256 * 2, **small)  # 64 rows x 256 padded keys
+        assert torch.equal(blocks, whole)
+        assert rel_err(blocks, sdpa64_3d(q, k, v)) < 1e-2
+
+    @pytest.mark.parametrize("key_splits", [1, 2])
+    def test_engine_layout_and_out_buffer(self, interp, key_splits):
+        """q/k/v as linear_1x1 gives them (contiguous [B, L, C]) and as token-major views of NCHW maps; out= a
+        strided view, fully written, returned; both paths of the epilogue (direct, summed key splits)."""
+        torch.manual_seed(7)
+        C, H, W = 128, 6, 11
+        maps = [(torch.randn(2, C, H, W) * 2 + 1).half() for _ in range(3)]
+        q, k, v = (m.flatten(2).transpose(1, 2) for m in maps)  # [2, 66, 128] views, stride 1 along L
+        out = torch.full((2, C, H * W), float("nan"), dtype=torch.float16).transpose(1, 2)  # [2, 66, 128] view
+        got = interp[0].split_attention(q, k, v, out=out, key_splits=key_splits)
+        assert got is out and not out.isnan().any()
+        assert rel_err(out, sdpa64_3d(q, k, v)) < 1e-3
+        tokens = [t.contiguous() for t in (q, k, v)]  # the engine's layout
+        torch.testing.assert_close(interp[0].split_attention(*tokens, key_splits=key_splits), out, rtol=0, atol=0)
+
+
 class TestFallbacks:
     """Without Triton or off the interpreter, CPU tensors take the torch code."""
 
@@ -325,6 +416,11 @@ class TestFallbacks:
     def plain_cpu(self, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         assert not kernels.is_available("cpu")
+
+    def test_split_attention_is_gemm_attention(self):
+        torch.manual_seed(23)
+        q, k, v = ((torch.randn(2, n, 512) * 2 + 1).to(torch.bfloat16) for n in (30, 50, 50))
+        torch.testing.assert_close(kernels.split_attention(q, k, v), kernels.gemm_attention(q, k, v), rtol=0, atol=0)
 
     def test_gemm_attention_is_sdpa(self):
         torch.manual_seed(22)
@@ -368,3 +464,82 @@ class TestFallbacks:
             kernels.group_stats(x, 5)
         with pytest.raises(ValueError, match="divisible by groups"):
             kernels.group_norm_apply(x, torch.zeros(1, 5), torch.ones(1, 5), None, None, 5)
+
+
+class TestKeySplits:
+    """How the split attention's PV launch cuts the keys to fill the GPU (pure arithmetic)."""
+
+    def test_fills_the_sms(self):
+        assert pick_key_splits(64, 2048, 132) == 2  # 4096 queries x 262144 keys: 128 programs, one wave
+        assert pick_key_splits(128, 2048, 132) == 1  # 8192 queries fill 132 SMs alone
+        assert pick_key_splits(2, 3, 132) == 3  # a tiny launch: one key tile a program
+
+    def test_never_more_splits_than_key_tiles(self):
+        for programs in (1, 7, 64, 200):
+            for tiles in (1, 2, 5, 33):
+                assert 1 <= pick_key_splits(programs, tiles, 132) <= tiles
+
+
+@needs_triton
+class TestConvBiasKernels:
+    """A conv's bias left out of its output and folded into the next GroupNorm, or the residual sum, instead."""
+
+    @pytest.mark.parametrize("layout", [channels_last, lambda t: t])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_norm_of_x_plus_bias(self, interp, monkeypatch, layout, dtype):
+        monkeypatch.setattr(interp[1], "STATS_PROGRAMS", 3)
+        torch.manual_seed(29)
+        B, C, H, W, G = 2, 64, 9, 13, 8
+        x = layout((torch.randn(B, C, H, W) * 3 + 2).to(dtype))
+        xb = torch.randn(C) * 4  # per-channel shifts large against the spread, as conv biases can be
+        w, b = torch.randn(C) + 1, torch.randn(C)
+        # channels_last folds the bias into the kernels exactly; NCHW adds it first, rounded to x's dtype
+        folded = interp[1]._kernel_layout(x) == "nhwc"
+        ref = x.double() + xb.double()[:, None, None] if folded else interp[1].add_channel_bias(x, xb).double()
+        mean, var = interp[0].group_stats(x, G, x_bias=xb)
+        mean64, var64 = stats64(ref, G)
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
+        rstd = torch.rsqrt(var + 1e-6)
+        out = interp[0].group_norm_apply(x, mean, rstd, w, b, G, silu=True, x_bias=xb)
+        assert out.dtype == dtype and out.stride() == x.stride()
+        assert rel_err(out, apply64(ref, mean, rstd, w, b, G, True)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    @pytest.mark.parametrize("layout", [channels_last, lambda t: t])
+    @pytest.mark.parametrize("with_bias", [True, False])
+    def test_residual_add(self, interp, layout, with_bias):
+        torch.manual_seed(31)
+        h, skip = (layout(torch.randn(2, 48, 5, 7).bfloat16()) for _ in range(2))
+        bias = torch.randn(48) if with_bias else None
+        ref = h.double() + skip.double() + (bias.double()[:, None, None] if with_bias else 0)
+        out = interp[0].residual_add_(h, skip, bias)
+        assert out.data_ptr() == h.data_ptr() and out.stride() == skip.stride()
+        torch.testing.assert_close(out.double(), ref.to(torch.bfloat16).double(), rtol=0, atol=0.07)
+        assert rel_err(out, ref) < 4e-3
+
+    def test_residual_add_mixed_layouts_take_torch(self, interp):
+        h, skip = channels_last(torch.randn(1, 8, 3, 4)), torch.randn(1, 8, 3, 4)
+        bias = torch.randn(8)
+        ref = h + skip + bias[:, None, None]
+        torch.testing.assert_close(interp[0].residual_add_(h, skip, bias), ref)
+
+
+@needs_triton
+class TestInterleaveKernel:
+    """The sub-pixel upsample's phase interleave (+ bias) under the interpreter, against its torch path."""
+
+    @pytest.mark.parametrize("Co, H, W", [(8, 3, 5), (48, 2, 7), (3, 1, 1)])  # Co = 48, 3: padded channel tiles
+    @pytest.mark.parametrize("with_bias", [True, False])
+    def test_matches_torch_path(self, interp, monkeypatch, Co, H, W, with_bias):
+        torch.manual_seed(Co + H)
+        z = torch.randn(2, 4 * Co, H + 1, W + 1)
+        bias = torch.randn(Co) if with_bias else None
+        ref = interp[0].interleave_phases(z, bias)  # contiguous z: the torch path
+        empty = torch.empty
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))  # no holes
+        out = interp[0].interleave_phases(channels_last(z), bias)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        i, j = H - 1, W - 1  # spot-check the definition: Y[2i+a, 2j+b] = Z[phase 2a+b][i+a, j+b] + bias
+        expected = z[:, 3 * Co : 4 * Co, i + 1, j + 1] + (bias if with_bias else 0)
+        torch.testing.assert_close(ref[:, :, 2 * i + 1, 2 * j + 1], expected)

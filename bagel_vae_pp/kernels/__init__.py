@@ -1,4 +1,5 @@
-"""Triton kernels for the GPU hot path: mid-block attention (D = 512) and GroupNorm statistics / apply.
+"""Triton kernels for the GPU hot path: mid-block attention (D = 512; flash, GEMM and split forms) and GroupNorm
+statistics / apply.
 
 Each public function falls back to the plain torch computation when Triton is missing or the tensors
 sit on the CPU (unless TRITON_INTERPRET=1, which runs the kernels on CPU tensors for the tests).
@@ -28,5 +29,17 @@ def is_available(device: torch.device | str) -> bool:
 from .attention import attention  # noqa: E402
 from .gemm_attention import gemm_attention  # noqa: E402
 from .group_norm import group_norm_apply, group_stats  # noqa: E402
+from .phases import interleave_phases  # noqa: E402
+from .residual import residual_add_  # noqa: E402
+from .split_attention import split_attention  # noqa: E402
 
-__all__ = ["attention", "gemm_attention", "group_norm_apply", "group_stats", "is_available"]
+__all__ = [
+    "attention",
+    "gemm_attention",
+    "group_norm_apply",
+    "group_stats",
+    "interleave_phases",
+    "is_available",
+    "residual_add_",
+    "split_attention",
+]

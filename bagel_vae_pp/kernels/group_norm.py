@@ -57,23 +57,31 @@ NHWC_APPLY_CONFIGS = {c.name: c for c in (*_NHWC, GNConfig(16384, 8))}
 DEFAULT_NHWC_STATS, DEFAULT_NHWC_APPLY = "b4096w4", "b4096w4"  # fastest on an H200 (bench_kernels --quick)
 
 
-def group_stats(x: Tensor, groups: int, config: str | None = None) -> tuple[Tensor, Tensor]:
-    """Per-(sample, group) mean and biased variance of x, fp32 [B, G] each.
+def group_stats(
+    x: Tensor, groups: int, config: str | None = None, x_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-(sample, group) mean and biased variance of x (+ x_bias), fp32 [B, G] each.
 
     Args:
         x: [B, C, *] activations, bf16/fp16/fp32; contiguous or 4-D channels_last takes a kernel.
         groups: number of groups G; must divide C.
         config: a key of `STATS_CONFIGS` (NCHW) or `NHWC_STATS_CONFIGS` (channels_last); default the layout's.
+        x_bias: [C] or None: statistics of x + x_bias[c], the bias of the conv that made x and left it out.
+            The channels_last kernel folds it into each channel's mean (a constant shift leaves a channel's
+            spread alone), so x + x_bias is never written; other layouts add it first.
     """
     B, C = x.shape[:2]
     if C % groups:
         raise ValueError(f"group_stats: {groups} groups must divide the {C} channels of x {tuple(x.shape)}")
     layout = _kernel_layout(x)
+    if x_bias is not None and layout != "nhwc":
+        x = add_channel_bias(x, x_bias)
+        layout = _kernel_layout(x)
     if layout is None:
         var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=-1, correction=0)  # [B, G]
         return mean, var
     if layout == "nhwc":
-        return _stats_nhwc(x, groups, NHWC_STATS_CONFIGS[config or DEFAULT_NHWC_STATS])
+        return _stats_nhwc(x, groups, NHWC_STATS_CONFIGS[config or DEFAULT_NHWC_STATS], x_bias)
     cfg = STATS_CONFIGS[config or DEFAULT_STATS]
     N = x[0].numel() // groups  # elements per group, contiguous
     splits = max(1, min(triton.cdiv(N, cfg.block), triton.cdiv(STATS_PROGRAMS, B * groups)))
@@ -84,7 +92,7 @@ def group_stats(x: Tensor, groups: int, config: str | None = None) -> tuple[Tens
     return _merge(partial, B, groups, splits)
 
 
-def _stats_nhwc(x: Tensor, groups: int, cfg: GNConfig) -> tuple[Tensor, Tensor]:
+def _stats_nhwc(x: Tensor, groups: int, cfg: GNConfig, x_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """Program (b, s) reduces pixels [s*slice_len, (s+1)*slice_len) of sample b, all groups at once."""
     B, C, H, W = x.shape
     HW = H * W
@@ -95,8 +103,9 @@ def _stats_nhwc(x: Tensor, groups: int, cfg: GNConfig) -> tuple[Tensor, Tensor]:
     splits = triton.cdiv(HW, slice_len)  # every slice holds at least one pixel
     partial = torch.empty(3, B * groups, splits, device=x.device, dtype=torch.float32)  # count, mean, M2
     _stats_nhwc_kernel[(B, splits)](
-        x, partial, HW, slice_len, splits, C=C, G=groups,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(groups), num_warps=cfg.num_warps,
+        x, partial, x if x_bias is None else x_bias.contiguous(), HW, slice_len, splits, C=C, G=groups,
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(groups), HAS_XB=x_bias is not None,
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return _merge(partial, B, groups, splits)
 
@@ -117,6 +126,7 @@ def group_norm_apply(
     groups: int,
     silu: bool = False,
     config: str | None = None,
+    x_bias: Tensor | None = None,
 ) -> Tensor:
     """y = (x - mean_g) * rstd_g * w_c + b_c computed in fp32, then SiLU if asked, in x's dtype.
 
@@ -127,6 +137,7 @@ def group_norm_apply(
         groups: number of groups G; must divide C.
         silu: apply SiLU after the affine.
         config: a key of `APPLY_CONFIGS` (NCHW) or `NHWC_APPLY_CONFIGS` (channels_last); default the layout's.
+        x_bias: [C] or None: normalise x + x_bias[c] (see `group_stats`); folded into the channels_last kernel.
 
     Returns y in x's memory format (NCHW-contiguous or channels_last).
     """
@@ -139,11 +150,15 @@ def group_norm_apply(
     weight = torch.ones(C, device=x.device) if weight is None else weight
     bias = torch.zeros(C, device=x.device) if bias is None else bias
     layout = _kernel_layout(x)
+    if x_bias is not None and layout != "nhwc":
+        x = add_channel_bias(x, x_bias)
+        layout = _kernel_layout(x)
     if layout is None:
         y = _apply_torch(x, mean, rstd, weight, bias, groups, silu)
         return y.contiguous(memory_format=torch.channels_last) if _is_nhwc(x) else y
     if layout == "nhwc":
-        return _apply_nhwc(x, mean, rstd, weight, bias, groups, silu, NHWC_APPLY_CONFIGS[config or DEFAULT_NHWC_APPLY])
+        cfg = NHWC_APPLY_CONFIGS[config or DEFAULT_NHWC_APPLY]
+        return _apply_nhwc(x, mean, rstd, weight, bias, groups, silu, cfg, x_bias)
     cfg = APPLY_CONFIGS[config or DEFAULT_APPLY]
     HW = x[0, 0].numel()
     chunks = triton.cdiv(HW, cfg.block)
@@ -156,7 +171,15 @@ def group_norm_apply(
 
 
 def _apply_nhwc(
-    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, groups: int, silu: bool, cfg: GNConfig
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    groups: int,
+    silu: bool,
+    cfg: GNConfig,
+    x_bias: Tensor | None,
 ) -> Tensor:
     """Program p normalises a [pixels, C] tile of sample p // chunks; y = empty_like(x) stays channels_last."""
     B, C, H, W = x.shape
@@ -167,9 +190,15 @@ def _apply_nhwc(
     y = torch.empty_like(x)
     _apply_nhwc_kernel[(B * chunks,)](
         x, y, mean.float().contiguous(), rstd.float().contiguous(), weight.contiguous(), bias.contiguous(),
-        HW, chunks, C=C, G=groups, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=cfg.num_warps,
+        x if x_bias is None else x_bias.contiguous(), HW, chunks, C=C, G=groups, SILU=silu,
+        BLOCK_P=block_p, BLOCK_C=block_c, HAS_XB=x_bias is not None, num_warps=cfg.num_warps,
     )  # fmt: skip
     return y
+
+
+def add_channel_bias(x: Tensor, bias: Tensor) -> Tensor:
+    """x + bias[c] over dim 1, in x's dtype and memory format."""
+    return x + bias.to(x.dtype).view(1, -1, *[1] * (x.dim() - 2))
 
 
 def _kernel_layout(x: Tensor) -> str | None:
@@ -276,8 +305,9 @@ if triton is not None:
 
     @triton.jit
     def _stats_nhwc_kernel(
-        X, partial, HW, slice_len, splits,
+        X, partial, XB, HW, slice_len, splits,
         C: tl.constexpr, G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+        HAS_XB: tl.constexpr,
     ):  # fmt: skip
         """Program (b, s): per group, count, mean, M2 of pixels [s*slice_len, min(HW, (s+1)*slice_len)) of b.
 
@@ -315,6 +345,8 @@ if triton is not None:
         mean_c = tl.sum(row_count[:, None] * mean, 0) / count_c  # [BLOCK_C]
         dev = mean - mean_c[None, :]
         m2_c = tl.sum(m2 + row_count[:, None] * dev * dev, 0)
+        if HAS_XB:  # x + bias: every value of a channel shifts by its bias; its spread stays
+            mean_c += tl.load(XB + cols, mask=cols < C, other=0.0).to(tl.float32)
         # channels -> groups, through a [BLOCK_C, BLOCK_G] membership mask (any C, padded or not; a padded
         # channel c >= C falls in a group >= G, which is never stored). Equal counts: the group mean is the
         # plain average of its channel means.
@@ -333,8 +365,9 @@ if triton is not None:
 
     @triton.jit
     def _apply_nhwc_kernel(
-        X, Y, MEAN, RSTD, W, Bias, HW, chunks,
+        X, Y, MEAN, RSTD, W, Bias, XB, HW, chunks,
         C: tl.constexpr, G: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_XB: tl.constexpr,
     ):  # fmt: skip
         """Program p: pixels [chunk*BLOCK_P, (chunk+1)*BLOCK_P) of sample p // chunks, all channels."""
         pid = tl.program_id(0)
@@ -344,6 +377,8 @@ if triton is not None:
         col_ok = cols < C
         g = b * G + cols // (C // G)
         mean = tl.load(MEAN + g, mask=col_ok, other=0.0)
+        if HAS_XB:  # (x + xb_c) - mean = x - (mean - xb_c)
+            mean -= tl.load(XB + cols, mask=col_ok, other=0.0).to(tl.float32)
         scale = tl.load(RSTD + g, mask=col_ok, other=0.0) * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         shift = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         first = chunk * BLOCK_P
