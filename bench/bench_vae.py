@@ -41,7 +41,7 @@ def inputs_for(ae, size: int, device) -> dict:
     return {"decode": latent.contiguous(), "encode": test_image(size)}
 
 
-def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat, emit):
+def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat, emit, pool_only=False):
     """Single-GPU fp32 references and the single-GPU run in the bench dtype, where they fit."""
     refs, rows = {}, []
     for size in sizes:
@@ -55,7 +55,7 @@ def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat, emit)
                         raise
                     print(f"fp32 reference {op} {size}: out of memory on one GPU", flush=True)
                 torch.cuda.empty_cache()
-            if size > single_max:
+            if size > single_max or pool_only:
                 continue
             row = {
                 "impl": "engine, 1 GPU, in-process",
@@ -162,6 +162,7 @@ def main():
     )
     p.add_argument("--tile", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--pool-only", action="store_true", help="no in-process single-GPU rows (references still run)")
     p.add_argument("--out", default=None, help="append JSON lines here, one per case as it finishes")
     args = p.parse_args()
     device = torch.device("cuda:0")
@@ -181,7 +182,9 @@ def main():
                 f.write(json.dumps(row) + "\n")
         return row
 
-    refs, rows = references(ae, sizes, ops, args.dtype, args.ref_max, args.single_max, device, args.repeat, emit)
+    refs, rows = references(
+        ae, sizes, ops, args.dtype, args.ref_max, args.single_max, device, args.repeat, emit, args.pool_only
+    )
     for workers in [int(w) for w in args.workers.split(",")]:
         rows += pool_cases(
             ae,

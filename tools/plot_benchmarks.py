@@ -1,6 +1,6 @@
 """Plot the GPU benchmark results behind BENCHMARKS.md: time and peak memory per worker against image size.
 
-python tools/plot_benchmarks.py [--results 'bench/results/*_final.jsonl'] [--out docs/benchmarks.png]
+python tools/plot_benchmarks.py [--results 'bench/results/<date>_<card>_<run>_final.jsonl'] [--out docs/benchmarks.png]
 
 Reads JSON lines with keys impl, op, mode, workers, size, dtype, ms, peak_gib, max_rel_err (one case each) and
 draws one column per op (decode, encode): median time on top, peak GPU memory per worker below, one line per
@@ -89,8 +89,9 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    final_runs = str(REPO / "bench" / "results" / "*_final.jsonl")  # one table's run each; A/B runs are not plotted
-    parser.add_argument("--results", default=final_runs, help="glob of JSONL files")
+    # One table's run per *_final.jsonl, named by date first; the newest is plotted (runs on other cards would mix)
+    finals = sorted(glob.glob(str(REPO / "bench" / "results" / "*_final.jsonl")))
+    parser.add_argument("--results", default=finals[-1] if finals else "", help="glob of JSONL files")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.png")
     args = parser.parse_args(argv)
     rows = read_results(args.results)
