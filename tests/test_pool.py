@@ -179,6 +179,17 @@ class TestSharedFiles:
                 mapped = {line.split(None, 5)[5].strip() for line in f if f"{pool.dir}/output" in line}
             assert mapped and not any(path.endswith("(deleted)") for path in mapped), mapped
 
+    def test_an_image_outlives_the_pool(self, tiny_vae):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32"))
+        try:
+            latent = sky_and_ground(1, 16, 5, 4, seed=7)
+            out = pool.decode(tiny_vae, latent)
+            kept = out.clone()
+        finally:
+            pool.shutdown()  # unlinks the pool's folder; the image keeps its pages
+        assert torch.equal(out, kept)
+        torch.testing.assert_close(out, reference_decode(tiny_vae, latent), **TOL)
+
 
 class TestOutputFiles:
     def test_busy_until_the_last_view_dies(self, tmp_path):
