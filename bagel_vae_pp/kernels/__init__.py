@@ -26,6 +26,23 @@ def is_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def takes_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What every attention kernel asks of q, k, v: a device they run on, one half dtype, one device, k and v
+    alike, one batch, one head dim; each kernel adds its own layout and size conditions."""
+    return (
+        is_available(q.device)
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
+        and q.dim() == k.dim() == v.dim()
+        and k.shape == v.shape
+        and q.shape[0] == k.shape[0]
+        and q.shape[-1] == k.shape[-1]
+        and q.shape[-2] > 0
+        and k.shape[-2] > 0
+    )
+
+
 from .attention import attention  # noqa: E402
 from .gemm_attention import gemm_attention  # noqa: E402
 from .group_norm import group_norm_apply, group_stats  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import is_available
+from . import takes_attention_inputs
 
 try:
     import triton
@@ -109,20 +109,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, config: str | None = None, out: T
 
 def is_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the Triton kernel takes these inputs (else SDPA does)."""
-    D = q.shape[-1]
     return (
-        is_available(q.device)
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.dtype == k.dtype == v.dtype
-        and q.device == k.device == v.device
-        and q.dim() == k.dim() == v.dim() == 4
-        and q.shape[1] == k.shape[1] == v.shape[1] == 1
-        and k.shape == v.shape
-        and q.shape[0] == k.shape[0]
-        and k.shape[-1] == D
-        and D in DEFAULT_CONFIG
-        and q.shape[2] > 0
-        and k.shape[2] > 0
+        takes_attention_inputs(q, k, v)
+        and q.dim() == 4
+        and q.shape[1] == k.shape[1] == 1
+        and q.shape[-1] in DEFAULT_CONFIG
     )
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import is_available
+from . import takes_attention_inputs
 from .gemm_attention import gemm_attention
 
 try:
@@ -184,20 +184,7 @@ def split_attention(
 def is_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the Triton kernels take these inputs (else gemm_attention does)."""
     D = q.shape[-1]
-    return (
-        is_available(q.device)
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.dtype == k.dtype == v.dtype
-        and q.device == k.device == v.device
-        and q.dim() == k.dim() == v.dim() == 3
-        and k.shape == v.shape
-        and q.shape[0] == k.shape[0]
-        and k.shape[-1] == D
-        and 16 <= D <= 1024
-        and D & (D - 1) == 0
-        and q.shape[1] > 0
-        and k.shape[1] > 0
-    )
+    return takes_attention_inputs(q, k, v) and q.dim() == 3 and 16 <= D <= 1024 and D & (D - 1) == 0
 
 
 def pick_key_splits(programs: int, n_tiles: int, sms: int) -> int:
