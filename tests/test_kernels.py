@@ -355,6 +355,17 @@ class TestSplitAttentionKernel:
         assert out.dtype == dtype and out.shape == q.shape
         assert rel_err(out, sdpa64_3d(q, k, v)) < SPLIT_TOL[dtype]
 
+    def test_takes_what_the_engine_passes(self, interp):
+        """The engine's q, k, v (bf16 tokens, D = 512) reach the kernels; what they cannot take falls back."""
+        attention = importlib.import_module("bagel_vae_pp.kernels.attention")  # the package's names are functions
+        split_attention = importlib.import_module("bagel_vae_pp.kernels.split_attention")
+        q, k = torch.randn(1, 64, 512).bfloat16(), torch.randn(1, 80, 512).bfloat16()
+        assert split_attention.is_supported(q, k, k) and attention.is_supported(q[:, None], k[:, None], k[:, None])
+        assert not split_attention.is_supported(q.float(), k.float(), k.float())
+        assert not split_attention.is_supported(q[..., :96], k[..., :96], k[..., :96])  # D not a power of two
+        assert not split_attention.is_supported(q, k, k[:, :70])
+        assert not attention.is_supported(q, k, k)  # the flash kernel takes [B, 1, L, D]
+
     def test_large_scores_stay_finite(self, interp):
         """Inputs x30: scores of thousands, one key per row dominates; p and the sums must not overflow."""
         torch.manual_seed(3)
