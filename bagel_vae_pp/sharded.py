@@ -65,8 +65,7 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
     band runs with zero padding while the halo travels, then those two rows are redone from 2-row strips. For
     a 1-row band they are still two distinct rows, so it needs no special path.
     """
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output keeps the band's layout
+    fmt = torch.channels_last if kernels.is_nhwc(x) else torch.contiguous_format  # the output keeps x's layout
     weight = fold_phases(conv.weight).to(conv.weight.dtype, memory_format=fmt)  # [4*Co, C, 2, 2]
     pending = exchange_halo(x, shard, async_op=True)
     z = F.conv2d(x, weight, padding=1)  # [B, 4*Co, H+1, W+1]; the bias is added while interleaving

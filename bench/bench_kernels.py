@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bagel_vae_pp.kernels import is_nhwc  # noqa: E402
 from bench.timing import cuda_call_ms  # noqa: E402
 
 # `kernels.attention` is the function; the module (configs, the jit kernel) is reached by its full name
@@ -286,7 +287,7 @@ def gn_case(op: str, name: str, x, mean, rstd, w, b):
     if op == "stats":
         return lambda: gn_mod.group_stats(x, GROUPS, config=name)
     if name == "torch":
-        memory_format = torch.channels_last if gn_mod._is_nhwc(x) else torch.contiguous_format
+        memory_format = torch.channels_last if is_nhwc(x) else torch.contiguous_format
         return lambda: gn_mod._apply_torch(x, mean, rstd, w, b, GROUPS, True).contiguous(memory_format=memory_format)
     return lambda: gn_mod.group_norm_apply(x, mean, rstd, w, b, GROUPS, silu=True, config=name)
 

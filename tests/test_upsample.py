@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_vae_pp.collectives import Shard
+from bagel_vae_pp.kernels import is_nhwc
 from bagel_vae_pp.sharded import upsample_conv
 
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
@@ -18,10 +19,6 @@ TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-1
 
 def one_rank(conv, x):
     return upsample_conv(conv, x, Shard(0, 1, None, [(0, x.shape[2])]))
-
-
-def is_nhwc(x):
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def random_case(c, co, h, w, dtype=torch.float32, seed=0):

@@ -26,6 +26,11 @@ def is_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def is_nhwc(x: torch.Tensor) -> bool:
+    """Whether x is a 4-D channels_last map that is not also NCHW-contiguous (C == 1 or H*W == 1 are both)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def takes_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """What every attention kernel asks of q, k, v: a device they run on, one half dtype, one device, k and v
     alike, one batch, one head dim; each kernel adds its own layout and size conditions."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import is_available
+from . import is_available, is_nhwc
 
 try:
     import triton
@@ -155,7 +155,7 @@ def group_norm_apply(
         layout = _kernel_layout(x)
     if layout is None:
         y = _apply_torch(x, mean, rstd, weight, bias, groups, silu)
-        return y.contiguous(memory_format=torch.channels_last) if _is_nhwc(x) else y
+        return y.contiguous(memory_format=torch.channels_last) if is_nhwc(x) else y
     if layout == "nhwc":
         cfg = NHWC_APPLY_CONFIGS[config or DEFAULT_NHWC_APPLY]
         return _apply_nhwc(x, mean, rstd, weight, bias, groups, silu, cfg, x_bias)
@@ -207,11 +207,7 @@ def _kernel_layout(x: Tensor) -> str | None:
         return None
     if x.is_contiguous():  # first: with C == 1 or H*W == 1 a tensor is both, and the flat view is exact
         return "nchw"
-    return "nhwc" if _is_nhwc(x) else None
-
-
-def _is_nhwc(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return "nhwc" if is_nhwc(x) else None
 
 
 def _apply_torch(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, groups: int, silu: bool):

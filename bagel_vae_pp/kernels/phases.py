@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import is_available
+from . import is_available, is_nhwc
 
 try:
     import triton
@@ -32,7 +32,7 @@ def interleave_phases(z: Tensor, bias: Tensor | None) -> Tensor:
     """
     B, C4, H1, W1 = z.shape
     Co, H, W = C4 // 4, H1 - 1, W1 - 1
-    nhwc = z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+    nhwc = is_nhwc(z)
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     y = torch.empty(B, Co, 2 * H, 2 * W, dtype=z.dtype, device=z.device, memory_format=fmt)
     if not (nhwc and is_available(z.device) and y.numel() > 0):

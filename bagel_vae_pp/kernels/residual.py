@@ -8,10 +8,9 @@ skip connection is, so neither costs a pass. Exact in fp32 arithmetic up to the 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import is_available
+from . import is_available, is_nhwc
 
 try:
     import triton
@@ -31,7 +30,7 @@ def residual_add_(h: Tensor, skip: Tensor, bias: Tensor | None) -> Tensor:
         bias: [C] or None.
     """
     assert h.shape == skip.shape and h.dtype == skip.dtype, (h.shape, skip.shape, h.dtype, skip.dtype)
-    nhwc = h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    nhwc = is_nhwc(h)
     same_layout = h.is_contiguous() and skip.is_contiguous() or nhwc and skip.stride() == h.stride()
     if not (is_available(h.device) and same_layout and h.numel() > 0):
         h += skip
