@@ -114,6 +114,7 @@ def downsample(conv: nn.Conv2d, x: Tensor, shard: Shard) -> Tensor:
 
 def group_norm(norm: nn.GroupNorm, x: Tensor, shard: Shard, silu: bool = False, x_bias: Tensor | None = None):
     """norm(x + x_bias) (x_bias: [C], the bias its conv left out, or None), SiLU after it if asked."""
+    x, x_bias = kernels.with_conv_bias(x, x_bias)
     mean, var = group_stats(x, norm.num_groups, shard, x_bias)  # [B, G] fp32
     rstd = torch.rsqrt(var + norm.eps)
     y = kernels.group_norm_apply(x, mean, rstd, norm.weight, norm.bias, norm.num_groups, silu, x_bias=x_bias)

@@ -516,6 +516,13 @@ class TestConvBiasKernels:
         assert out.dtype == dtype and out.stride() == x.stride()
         assert rel_err(out, apply64(ref, mean, rstd, w, b, G, True)) < (1e-5 if dtype == torch.float32 else 1e-2)
 
+    def test_the_bias_is_added_once_where_the_kernels_cannot_fold_it(self, interp):
+        x, xb = torch.randn(1, 8, 3, 4), torch.randn(8)
+        folded, bias = interp[0].with_conv_bias(channels_last(x), xb)
+        assert torch.equal(folded, channels_last(x)) and bias is xb  # channels_last: left to the kernels
+        summed, bias = interp[0].with_conv_bias(x, xb)
+        assert bias is None and torch.equal(summed, x + xb[:, None, None])
+
     @pytest.mark.parametrize("layout", [channels_last, lambda t: t])
     @pytest.mark.parametrize("with_bias", [True, False])
     def test_residual_add(self, interp, layout, with_bias):

@@ -50,7 +50,7 @@ def takes_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 from .attention import attention  # noqa: E402
 from .gemm_attention import gemm_attention  # noqa: E402
-from .group_norm import group_norm_apply, group_stats  # noqa: E402
+from .group_norm import group_norm_apply, group_stats, with_conv_bias  # noqa: E402
 from .phases import interleave_phases  # noqa: E402
 from .residual import residual_add_  # noqa: E402
 from .split_attention import split_attention  # noqa: E402
@@ -64,4 +64,5 @@ __all__ = [
     "is_available",
     "residual_add_",
     "split_attention",
+    "with_conv_bias",
 ]

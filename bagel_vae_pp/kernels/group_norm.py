@@ -73,10 +73,8 @@ def group_stats(
     B, C = x.shape[:2]
     if C % groups:
         raise ValueError(f"group_stats: {groups} groups must divide the {C} channels of x {tuple(x.shape)}")
+    x, x_bias = with_conv_bias(x, x_bias)
     layout = _kernel_layout(x)
-    if x_bias is not None and layout != "nhwc":
-        x = add_channel_bias(x, x_bias)
-        layout = _kernel_layout(x)
     if layout is None:
         var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=-1, correction=0)  # [B, G]
         return mean, var
@@ -149,10 +147,8 @@ def group_norm_apply(
         )
     weight = torch.ones(C, device=x.device) if weight is None else weight
     bias = torch.zeros(C, device=x.device) if bias is None else bias
+    x, x_bias = with_conv_bias(x, x_bias)
     layout = _kernel_layout(x)
-    if x_bias is not None and layout != "nhwc":
-        x = add_channel_bias(x, x_bias)
-        layout = _kernel_layout(x)
     if layout is None:
         y = _apply_torch(x, mean, rstd, weight, bias, groups, silu)
         return y.contiguous(memory_format=torch.channels_last) if is_nhwc(x) else y
@@ -194,6 +190,15 @@ def _apply_nhwc(
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_XB=x_bias is not None, num_warps=cfg.num_warps,
     )  # fmt: skip
     return y
+
+
+def with_conv_bias(x: Tensor, x_bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(x, x_bias) as `group_stats` and `group_norm_apply` take them: the channels_last kernels fold x_bias in as
+    they read x, so both stay as they are; for any other layout x + x_bias is made here and no bias is left.
+    A caller making both calls prepares once, so that sum is not made twice."""
+    if x_bias is None or _kernel_layout(x) == "nhwc":
+        return x, x_bias
+    return add_channel_bias(x, x_bias), None
 
 
 def add_channel_bias(x: Tensor, bias: Tensor) -> Tensor:
