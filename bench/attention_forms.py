@@ -28,7 +28,7 @@ from bagel_vae_pp.kernels.split_attention import (  # noqa: E402
     SCORE_CONFIGS,
     split_attention,
 )
-from bench.timing import cuda_median_ms  # noqa: E402
+from bench.timing import cuda_median_ms, extra_gib  # noqa: E402
 
 SHAPES = [(4096, 16384), (16384, 65536), (65536, 262144), (131072, 262144)]  # (queries of one rank, keys)
 SWEEP_REPEAT = 3
@@ -50,15 +50,6 @@ def sweep_split(q, k, v) -> tuple[dict, list[tuple[str, str, float]]]:
     best_sc = min(SCORE_CONFIGS, key=lambda sc: timed(sc, DEFAULT_PV_CONFIG))
     best_pv = min(PV_CONFIGS, key=lambda pv: timed(best_sc, pv))
     return dict(scores_config=best_sc, pv_config=best_pv), rows
-
-
-def extra_gib(fn, dev) -> float:
-    """Peak memory of one fn() over what was allocated before it."""
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    fn()
-    return (torch.cuda.max_memory_allocated(dev) - base) / 2**30
 
 
 def bench_shape(Lq: int, L: int, D: int, dev: torch.device) -> tuple[str, list[tuple[str, str, float]]]:

@@ -1,4 +1,4 @@
-"""The one GPU timer of the bench scripts: CUDA events around each call, median over the timed calls."""
+"""The bench scripts' GPU measures: a CUDA-event timer (median over the timed calls) and one call's extra memory."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def cuda_call_ms(fn) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def extra_gib(fn, device) -> float:
+    """Peak memory allocated during one fn() above what was allocated before it, in GiB."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30

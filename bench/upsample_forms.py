@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bagel_vae_pp.collectives import Shard  # noqa: E402
 from bagel_vae_pp.sharded import conv3x3, upsample_conv  # noqa: E402
-from bench.timing import cuda_median_ms  # noqa: E402
+from bench.timing import cuda_median_ms, extra_gib  # noqa: E402
 
 # (channels, rows, cols) of the upsample inputs of one rank's band of a 4096² image on 2 GPUs; 4 GPUs: half the rows
 SHAPES_2GPU = [(512, 256, 512), (512, 512, 1024), (256, 1024, 2048)]
@@ -52,13 +52,7 @@ def median_ms(fn, dev: torch.device) -> float:
 
 
 def peak_gib(fn, dev: torch.device) -> float:
-    if dev.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    fn()
-    return (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+    return extra_gib(fn, dev) if dev.type == "cuda" else float("nan")
 
 
 def max_abs_diff(a, b, rows: int = 256) -> float:
