@@ -21,17 +21,55 @@ import shutil
 import tempfile
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+PREFIX = "bagel_vae_pp-"
 
-def make_private_dir(prefix: str) -> str:
-    """A 0700 folder on /dev/shm (or the temp dir where there is none), readable only by this user."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+def make_private_dir(base: str | None) -> str:
+    """A fresh 0700 folder in `base` (None: the temp folder), readable only by this user, named after this
+    process (pid and start time) so that a later pool can tell whether its owner is still alive."""
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-{_start_time(os.getpid())}-", dir=base)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("0" where unknown): with the pid, it names one process
+    even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def sweep_stale(bases: list[str]) -> list[str]:
+    """Remove this user's pool folders in `bases` whose owning process is gone (a host killed before it could
+    clean up, with workers that could not either); returns what was removed."""
+    removed = []
+    for base in bases:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            parts = name[len(PREFIX) :].split("-")
+            if not name.startswith(PREFIX) or len(parts) < 3 or not parts[0].isdigit():
+                continue
+            path = os.path.join(base, name)
+            try:
+                if os.stat(path).st_uid != os.getuid():
+                    continue
+            except OSError:
+                continue
+            if _start_time(int(parts[0])) != parts[1] or not os.path.exists(f"/proc/{parts[0]}"):
+                remove_dir(path)
+                removed.append(path)
+    return removed
 
 
 def remove_dir(path: str) -> None:
@@ -43,21 +81,8 @@ def free_bytes(folder: str) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def check_room(folder: str, shapes: list[tuple[int, ...]], name: str, dtype: torch.dtype = torch.float32) -> None:
-    """Refuse up front a job whose tensors `folder` cannot hold: a full /dev/shm kills writers with SIGBUS."""
-    nbytes = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
-    free = free_bytes(folder)
-    if nbytes > free:
-        raise ValueError(
-            f"{name}: shape {tuple(shapes[0])} needs {nbytes / 2**20:,.0f} MiB of shared memory (input and "
-            f"output) but only {free / 2**20:,.0f} MiB is free in {os.path.dirname(folder)}; "
-            "use a smaller batch or image, or enlarge /dev/shm."
-        )
-
-
 def create(path: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A zero-filled shared tensor backed by a new file at `path`; refuses what the folder cannot hold."""
-    check_room(os.path.dirname(path), [shape], os.path.basename(path), dtype)
+    """A zero-filled shared tensor backed by a new file at `path` (its folder was chosen for room by staging)."""
     with open(path, "wb") as f:
         f.truncate(max(math.prod(shape) * dtype.itemsize, 1))
     return attach(path, shape, dtype)
@@ -118,10 +143,12 @@ class _OutputFile:
 class OutputFiles:
     """The host's job output files. A file is handed out as a tensor; once every tensor and view of it is
     freed, the file waits for the next job whose output has its size. `trim` unlinks all but the `keep_free`
-    most recently used free files and returns their paths, so that workers drop their mappings too."""
+    most recently used free files and returns their paths, so that workers drop their mappings too.
 
-    def __init__(self, folder: str, keep_free: int = 2):
-        self.folder, self.keep_free = folder, keep_free
+    `place(nbytes, name)` returns the folder a new file goes to (staging picks one with room, or raises)."""
+
+    def __init__(self, place: Callable[[int, str], str], keep_free: int = 2):
+        self.place, self.keep_free = place, keep_free
         self.files: list[_OutputFile] = []  # least recently handed out first
         self.count = 0
 
@@ -134,8 +161,8 @@ class OutputFiles:
         file = self.find(nbytes)
         if file is None:
             self.count += 1
-            path = os.path.join(self.folder, f"output{self.count}")
-            check_room(self.folder, [shape], os.path.basename(path), dtype)
+            name = f"output{self.count}"
+            path = os.path.join(self.place(nbytes, name), name)
             with open(path, "w+b") as f:
                 f.truncate(max(nbytes, 1))
                 mapping = mmap.mmap(f.fileno(), nbytes) if nbytes else None

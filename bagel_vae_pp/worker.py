@@ -3,13 +3,16 @@
 Started by `pool.py` as a plain subprocess, never through multiprocessing's spawn, so ComfyUI's
 `main.py` is not re-executed here. The worker talks to the host over the inherited socket `N`
 (pickled builtins only), joins the torch.distributed group through a FileStore in the pool's private
-folder (no listening socket), and exits on its own when the host goes away.
+folder, and exits on its own, removing the pool's folders, when the host goes away or on SIGTERM/SIGINT
+(systemd or docker stopping the service, Ctrl-C in a terminal: the whole process group gets the signal,
+and a host killed that way cannot clean up).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import threading
 import time
 import traceback
@@ -30,19 +33,32 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHANNELS_LAST_SWITCH = "BAGEL_VAE_PP_CHANNELS_LAST"
 # control tensor slots, shared with the host
 CANCEL, DONE, TOTAL = 0, 1, 2
+# Blocked in every thread of a worker from its start (the host spawns it with them blocked, so the threads torch
+# starts block them too) and taken by one thread of ours with sigwait: a Python handler would only run once the
+# main thread leaves its C call, which a collective waiting for a dead peer may never do.
+CLEANUP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def exit_with_host(host_pid: int, pool_dir: str) -> None:
-    """Watchdog: a SIGKILLed host cannot tell us; a stuck collective cannot read EOF. Poll the parent."""
+def remove_and_exit(dirs: list[str], code: int) -> None:
+    for folder in dirs:
+        shm.remove_dir(folder)
+    os._exit(code)
 
-    def watch():
-        while True:
-            if os.getppid() != host_pid:
-                shm.remove_dir(pool_dir)
-                os._exit(3)
+
+def exit_with_host(host_pid: int, dirs: list[str]) -> None:
+    """Watchdogs: a SIGKILLed host cannot tell us, a stuck collective cannot read EOF: poll the parent. And a
+    SIGTERM/SIGINT (to the whole process group, the host included) removes the pool's folders before exiting."""
+
+    def watch_host():
+        while os.getppid() == host_pid:
             time.sleep(0.25)
+        remove_and_exit(dirs, 3)
 
-    threading.Thread(target=watch, daemon=True, name="host-watchdog").start()
+    def take_signal():
+        remove_and_exit(dirs, 128 + signal.sigwait(CLEANUP_SIGNALS))
+
+    threading.Thread(target=watch_host, daemon=True, name="host-watchdog").start()
+    threading.Thread(target=take_signal, daemon=True, name="signal-watchdog").start()
 
 
 def check_device(device: torch.device, dtype_name: str) -> None:
@@ -91,6 +107,9 @@ class Worker:
         self.job_id = -1
         self.files = shm.Mappings(self.device)  # the host's input and output files, kept mapped (and pinned)
         check_device(self.device, cfg["dtype"])
+        if self.dtype == torch.float32:  # fp32 asked for is fp32: no TF32 convolutions or matmuls
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         torch.set_num_threads(cpu_threads(self.device, cfg["world"]))
         self.groups = init_group(cfg)
 
@@ -151,8 +170,12 @@ class Worker:
             except JobCancelled:
                 reply = {"ok": False, "cancelled": True}
             except Exception as e:  # reported to the host, which raises it in ComfyUI
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-            self.conn.send(reply)
+                reply = error_reply(e)
+            self.conn.send({**reply, "job": msg["job"]})  # the host drops a reply of a job it gave up on
+
+
+def error_reply(e: Exception) -> dict:
+    return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
 def main() -> None:
@@ -160,20 +183,21 @@ def main() -> None:
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the host")
     conn = Connection(parser.parse_args().fd)
     cfg = conn.recv()
-    exit_with_host(cfg["host_pid"], cfg["pool_dir"])
+    exit_with_host(cfg["host_pid"], cfg["dirs"])
     try:
         worker = Worker(cfg, conn)
     except Exception as e:
-        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        conn.send({**error_reply(e), "job": 0})
         return
-    conn.send({"ok": True, "pid": os.getpid()})
+    conn.send({"ok": True, "pid": os.getpid(), "job": 0})
     try:
         host_gone = worker.serve()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if host_gone:  # a host that was killed cannot clean up; one that shut down already did
-        shm.remove_dir(cfg["pool_dir"])
+        for folder in cfg["dirs"]:
+            shm.remove_dir(folder)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_stub import InterruptProcessingException, progress_bar_class
 
 from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
 
@@ -54,16 +55,9 @@ class Host:
 
         model_patcher.ModelPatcher = ModelPatcher
         utils = types.ModuleType("comfy.utils")
-        host = self
-
-        class ProgressBar:
-            def __init__(self, total):
-                self.total = total
-
-            def update_absolute(self, value, total=None, preview=None):
-                host.progress.append((value, total))
-
-        utils.ProgressBar = ProgressBar
+        utils.ProgressBar = progress_bar_class(
+            self.check_interrupt, lambda value, total: self.progress.append((value, total))
+        )
         sd = types.ModuleType("comfy.sd")
 
         class VAE:
@@ -82,7 +76,7 @@ class Host:
     def check_interrupt(self):
         self.checks += 1
         if self.interrupt_after is not None and self.checks > self.interrupt_after:
-            raise InterruptedError("cancelled")
+            raise InterruptProcessingException()
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +182,7 @@ class TestRun:
     def test_interrupt_stops_text_to_image(self, nodes, loaded, host):
         host.checks, host.interrupt_after = 0, 1
         try:
-            with pytest.raises(InterruptedError):
+            with pytest.raises(InterruptProcessingException):
                 nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs())
         finally:
             host.interrupt_after = None

@@ -18,17 +18,14 @@ import time
 
 import pytest
 import torch
+from host_stub import InterruptProcessingException
 from test_pool import alive, reference_decode, reference_encode, sky_and_ground
 
-from bagel_vae_pp import cli, shm
+from bagel_vae_pp import cli, shm, staging, vae_job
 from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {"rtol": 0, "atol": 1e-4}
-
-
-class Interrupted(Exception):
-    """Stands in for ComfyUI's InterruptProcessingException."""
 
 
 def wait_until(condition, timeout_s: float, step_s: float = 0.05) -> float:
@@ -112,7 +109,7 @@ class TestStuckWorker:
             pool.decode(tiny_vae, small())
             old, folder = [p.pid for p in pool.procs], pool.dir
             latent = sky_and_ground(1, 16, 32, 32)
-            limit_s = pool.deadline_s((1, 256, 256, 3), "decode")
+            limit_s = vae_job.deadline_s(pool.spec, (1, 256, 256, 3), "decode")
 
             def stop_rank_1(done, total):
                 if not stopped:
@@ -208,14 +205,14 @@ class TestInterrupt:
         def interrupt():
             assert threading.get_ident() == caller  # ComfyUI's check must run on the node's own thread
             if pressed.is_set():
-                raise Interrupted()
+                raise InterruptProcessingException()
 
         def progress(done, total):
             if not at:
                 at["timer"] = threading.Timer(0.2, press_cancel)
                 at["timer"].start()
 
-        with pytest.raises(Interrupted):
+        with pytest.raises(InterruptProcessingException):
             pool2.decode(tiny_vae, sky_and_ground(1, 16, 96, 96), interrupt=interrupt, progress=progress)
         raised_s = time.monotonic() - at["pressed"]
         replies = pool2.settle()
@@ -233,12 +230,54 @@ class TestInterrupt:
         def interrupt():
             calls.append(1)
             if len(calls) > 2:
-                raise Interrupted()
+                raise InterruptProcessingException()
 
-        with pytest.raises(Interrupted):
+        with pytest.raises(InterruptProcessingException):
             pool2.decode(tiny_vae, sky_and_ground(1, 16, 64, 64), interrupt=interrupt)
         latent = sky_and_ground(1, 4, 5, 3)
         torch.testing.assert_close(pool2.decode(tiny_sd_vae, latent), reference_decode(tiny_sd_vae, latent), **TOL)
+
+
+class TestExceptionsInsideAJob:
+    """Issue 12 item 1: whatever raises while a job runs (ComfyUI's progress bar on Cancel, the interrupt check,
+    make_room, a bug) cancels it on every rank, and no later job ever returns the cancelled job's data."""
+
+    @pytest.mark.parametrize(
+        "hook,error",
+        [("progress", InterruptProcessingException), ("progress", ZeroDivisionError),
+         ("interrupt", InterruptProcessingException), ("make_room", MemoryError)],
+    )  # fmt: skip
+    def test_later_jobs_equal_the_reference(self, pool2, tiny_vae, hook, error):
+        calls = []
+
+        def raise_on_second_call(*args):
+            calls.append(args)
+            if len(calls) == 2 or hook == "make_room":
+                raise error()
+
+        big = sky_and_ground(1, 16, 96, 96, seed=3)
+        with pytest.raises(error):
+            pool2.decode(tiny_vae, big, **{hook: raise_on_second_call})
+        for latent in (sky_and_ground(1, 16, 96, 96, seed=4), sky_and_ground(2, 16, 24, 40, seed=5)):
+            expected = reference_decode(tiny_vae, latent)
+            got = pool2.decode(tiny_vae, latent).clone()  # as it is when handed back: nobody may write it later
+            torch.testing.assert_close(got, expected, **TOL)
+        assert pool2.owed == {}
+
+    def test_a_late_reply_of_a_cancelled_job_is_dropped(self, pool2, tiny_vae):
+        """Even if a cancelled job's replies were never read before the next job, they carry its job id."""
+        pool2.decode(tiny_vae, small())
+
+        def stop(done, total):
+            raise InterruptProcessingException()
+
+        with pytest.raises(InterruptProcessingException):
+            pool2.decode(tiny_vae, sky_and_ground(1, 16, 96, 96), progress=stop)
+        owed, pool2.owed = pool2.owed, {}  # as if the host had forgotten what the cancelled job owes
+        assert owed
+        latent = sky_and_ground(1, 16, 8, 8, seed=6)
+        expected = reference_decode(tiny_vae, latent)
+        torch.testing.assert_close(pool2.decode(tiny_vae, latent).clone(), expected, **TOL)
 
 
 class TestBadInput:
@@ -297,8 +336,12 @@ class TestBadInput:
         pool = cpu_pool(2)
         pool.decode(tiny_vae, small())
         pids, job_id, files = [p.pid for p in pool.procs], pool.job_id, sorted(os.listdir(pool.dir))
-        monkeypatch.setattr(shm, "free_bytes", lambda folder: 8 * 2**20)  # 8 MiB free
-        with pytest.raises(ValueError, match=r"samples: shape \(64, 16, 16, 16\) needs 13 MiB .* only 8 MiB is free"):
+        monkeypatch.setattr(shm, "free_bytes", lambda folder: staging.RESERVE_BYTES + 4 * 2**20)  # room: 4 MiB each
+        with pytest.raises(
+            ValueError,
+            match=r"samples: shape \(64, 16, 16, 16\) needs 13 MiB .* /dev/shm has 4 MiB free "
+            r"and .* 4 MiB: .*--shm-size",
+        ):
             pool.decode(tiny_vae, torch.randn(64, 16, 16, 16))  # 64 images of 128x128: 12 MiB of output
         assert pool.job_id == job_id and sorted(os.listdir(pool.dir)) == files  # nothing written
         monkeypatch.undo()
@@ -446,9 +489,9 @@ class TestSoak:
         # What stays between jobs: the control block, the rendezvous store, the input file and the output files
         # kept for reuse (the one `out` holds, and at most keep_free free ones).
         outputs = [name for name in end["files"] if name.startswith("output")]
-        assert 1 <= len(outputs) <= 1 + pool2.outputs.keep_free, outputs
+        assert 1 <= len(outputs) <= 1 + pool2.staging.outputs.keep_free, outputs
         assert sorted(set(end["files"]) - set(outputs)) == sorted(
-            ["control", "store", os.path.basename(pool2.staged[0])]
+            ["control", "store", os.path.basename(pool2.staging.input[0])]
         )
 
 

@@ -6,13 +6,10 @@ import types
 
 import pytest
 import torch
+from host_stub import InterruptProcessingException, progress_bar_class
 from pack_import import imported_as_comfyui, path_name
 
 PACK_NAME = path_name("bagel-vae-pp")
-
-
-class Interrupted(Exception):
-    pass
 
 
 class Host:
@@ -35,16 +32,7 @@ class Host:
         self.freed = []
         mm.free_memory = lambda nbytes, device, keep_loaded=(): self.freed.append((nbytes, device))
         utils = types.ModuleType("comfy.utils")
-        host = self
-
-        class ProgressBar:
-            def __init__(self, total):
-                self.total = total
-
-            def update_absolute(self, value, total=None):
-                host.progress.append((value, total))
-
-        utils.ProgressBar = ProgressBar
+        utils.ProgressBar = progress_bar_class(self.throw, lambda value, total: self.progress.append((value, total)))
         comfy = types.ModuleType("comfy")
         comfy.model_management, comfy.utils = mm, utils
         self.modules = {
@@ -57,7 +45,7 @@ class Host:
     def throw(self):
         self.checks += 1
         if self.interrupt_after is not None and self.checks >= self.interrupt_after:
-            raise Interrupted()
+            raise InterruptProcessingException()
 
     def unload(self):
         self.unloads += 1
@@ -145,7 +133,7 @@ class TestVAENodes:
     def test_interrupt_raises_the_hosts_exception_on_the_nodes_thread(self, pack, cpu2, tiny_vae):
         pack.host.checks, pack.host.interrupt_after = 0, 3
         try:
-            with pytest.raises(Interrupted):
+            with pytest.raises(InterruptProcessingException):
                 pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
                     {"samples": torch.randn(1, 16, 64, 64)}, FakeVAE(tiny_vae), "exact", 1024, 128, cpu2
                 )

@@ -168,12 +168,12 @@ class TestSharedFiles:
         assert len(outputs()) >= 4
         del held
         pool.decode(tiny_vae, sky_and_ground(1, 16, 3, 8))  # the next job trims the idle ones
-        assert len(outputs()) <= pool.outputs.keep_free + 1
-        monkeypatch_keep, pool.outputs.keep_free = pool.outputs.keep_free, 0
+        assert len(outputs()) <= pool.staging.outputs.keep_free + 1
+        monkeypatch_keep, pool.staging.outputs.keep_free = pool.staging.outputs.keep_free, 0
         try:
             pool.decode(tiny_vae, sky_and_ground(1, 16, 3, 9))  # trims the file the workers wrote last job
         finally:
-            pool.outputs.keep_free = monkeypatch_keep
+            pool.staging.outputs.keep_free = monkeypatch_keep
         for proc in pool.procs:
             with open(f"/proc/{proc.pid}/maps") as f:
                 mapped = {line.split(None, 5)[5].strip() for line in f if f"{pool.dir}/output" in line}
@@ -193,7 +193,7 @@ class TestSharedFiles:
 
 class TestOutputFiles:
     def test_busy_until_the_last_view_dies(self, tmp_path):
-        files = shm.OutputFiles(str(tmp_path), keep_free=1)
+        files = shm.OutputFiles(lambda nbytes, name: str(tmp_path), keep_free=1)
         path, t = files.acquire((2, 3))
         t.fill_(7.0)
         view = t[1]
@@ -207,7 +207,7 @@ class TestOutputFiles:
         assert files.trim() == [] and os.path.exists(other)  # one idle file is within keep_free
 
     def test_trim_unlinks_the_least_recently_used_idle_files(self, tmp_path):
-        files = shm.OutputFiles(str(tmp_path), keep_free=1)
+        files = shm.OutputFiles(lambda nbytes, name: str(tmp_path), keep_free=1)
         paths = [files.acquire((4,))[0] for _ in range(3)]  # each tensor dropped at once: all idle
         assert len(set(paths)) == 1  # ... so each acquire reused the first
         held = [files.acquire((5,)), files.acquire((5,)), files.acquire((6,))]
