@@ -57,6 +57,9 @@ def exit_with_host(host_pid: int, dirs: list[str]) -> None:
     def take_signal():
         remove_and_exit(dirs, 128 + signal.sigwait(CLEANUP_SIGNALS))
 
+    for sig in CLEANUP_SIGNALS:  # inherited SIG_IGN would drop them (here, on the main thread, where Python allows it)
+        signal.signal(sig, signal.SIG_DFL)
+
     threading.Thread(target=watch_host, daemon=True, name="host-watchdog").start()
     threading.Thread(target=take_signal, daemon=True, name="signal-watchdog").start()
 

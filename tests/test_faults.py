@@ -6,13 +6,10 @@ asks for are printed (run with `-s` to see them) and asserted where the issue se
 """
 
 import copy
-import json
 import os
-import queue
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 
@@ -23,6 +20,8 @@ from test_pool import alive, reference_decode, reference_encode, sky_and_ground
 
 from bagel_vae_pp import cli, shm, staging, vae_job
 from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
+
+pytestmark = pytest.mark.timeout(240)  # a broken deadline fails the test instead of hanging the run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {"rtol": 0, "atol": 1e-4}
@@ -130,62 +129,6 @@ class TestStuckWorker:
         finally:
             pids = [p.pid for p in pool.procs]
             pool.shutdown()
-            kill_all(pids)
-
-
-HOST = """
-import json, sys, torch
-sys.path.insert(0, {root!r})
-from bagel_vae_pp.autoencoder import random_autoencoder
-from bagel_vae_pp.pool import PoolSpec, WorkerPool
-
-pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 600))
-pool.start()
-print(json.dumps({{"pids": [p.pid for p in pool.procs], "dir": pool.dir}}), flush=True)
-if sys.argv[1] == "mid-job":
-    seen = []
-    def busy(done, total):
-        if not seen:
-            seen.append(print("busy", flush=True))
-    pool.decode(random_autoencoder("tiny"), torch.randn(1, 16, 96, 96), progress=busy)
-print("idle", flush=True)
-sys.stdin.read()  # blocks until killed
-"""
-
-
-def read_line(stream, timeout_s: float) -> str:
-    lines = queue.Queue()
-    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
-    try:
-        return lines.get(timeout=timeout_s).strip()
-    except queue.Empty:
-        raise TimeoutError(f"no line from the host after {timeout_s} s") from None
-
-
-class TestHostKilled:
-    """Item 3: the host SIGKILLed: workers exit by themselves within 10 s and remove the pool folder."""
-
-    @pytest.mark.parametrize("moment", ["idle", "mid-job"])
-    def test_workers_exit_and_remove_the_shm_folder(self, moment):
-        host = subprocess.Popen(
-            [sys.executable, "-c", HOST.format(root=ROOT), moment],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        pids = []
-        try:
-            info = json.loads(read_line(host.stdout, 180))
-            pids = info["pids"]
-            assert read_line(host.stdout, 180) == ("busy" if moment == "mid-job" else "idle")
-            assert os.path.isdir(info["dir"]) and all(alive(pid) for pid in pids)
-            host.kill()
-            host.wait(timeout=10)
-            gone = wait_until(lambda: not any(alive(pid) for pid in pids) and not os.path.exists(info["dir"]), 10)
-            print(f"\n[item 3] host killed ({moment}) -> workers gone and {info['dir']} removed after {gone:.2f} s")
-        finally:
-            host.kill()
-            host.wait(timeout=10)
             kill_all(pids)
 
 

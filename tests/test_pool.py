@@ -12,6 +12,8 @@ import torch
 from bagel_vae_pp import shm
 from bagel_vae_pp.pool import PoolSpec, WorkerPool
 
+pytestmark = pytest.mark.timeout(120)  # a broken deadline fails the test instead of hanging the run
+
 TOL = {"rtol": 0, "atol": 1e-4}  # fp32: images live in [0, 1], so this is also ~1e-4 relative
 
 
