@@ -3,9 +3,10 @@
 Started by `pool.py` as a plain subprocess, never through multiprocessing's spawn, so ComfyUI's
 `main.py` is not re-executed here. The worker talks to the host over the inherited socket `N`
 (pickled builtins only), joins the torch.distributed group through a FileStore in the pool's private
-folder, and exits on its own, removing the pool's folders, when the host goes away or on SIGTERM/SIGINT
-(systemd or docker stopping the service, Ctrl-C in a terminal: the whole process group gets the signal,
-and a host killed that way cannot clean up).
+folder (gloo's loopback listeners are closed once the group is up: loopback.py), and exits on its own,
+removing the pool's folders, when the host goes away or on SIGTERM/SIGINT (systemd or docker stopping the
+service, Ctrl-C in a terminal: the whole process group gets the signal, and a host killed that way cannot
+clean up).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
-from . import shm
+from . import loopback, shm
 from .autoencoder import autoencoder_from_state_dict
 from .collectives import JobCancelled
 from .graphs import GraphCache
@@ -94,6 +95,8 @@ def init_group(cfg: dict) -> dict:
     for k in range(2, world):
         groups[k] = dist.new_group(list(range(k)))
     groups[world] = dist.group.WORLD
+    if backend == "gloo":  # every pair is connected now: no one may connect any more (see loopback.py)
+        loopback.seal_gloo_group()
     return groups
 
 

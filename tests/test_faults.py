@@ -8,7 +8,6 @@ asks for are printed (run with `-s` to see them) and asserted where the issue se
 import copy
 import os
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -500,78 +499,3 @@ class TestConcurrency:
             latent = sky_and_ground(1, 16, 4, 4, seed)
             torch.testing.assert_close(pool.decode(tiny_vae, latent), reference_decode(tiny_vae, latent), **TOL)
         assert [p.pid for p in pool.procs] == pids
-
-
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    return inodes
-
-
-def tcp_listeners(pids) -> list[tuple[str, int]]:
-    """(address as /proc/net/tcp* prints it, port) of every LISTEN socket the processes `pids` hold."""
-    inodes = set().union(*(socket_inodes(pid) for pid in pids))
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A = TCP_LISTEN
-                    address, port = fields[1].split(":")
-                    found.append((address, int(port, 16)))
-    return found
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as the kernel prints them
-
-
-class TestSecurity:
-    """Item 9: the pool is reachable only by this user, over loopback and inherited sockets."""
-
-    def test_pool_folder_is_private_and_ours(self, cpu_pool):
-        pool = cpu_pool(2)
-        pool.start()
-        info = os.stat(pool.dir)
-        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
-        assert os.path.exists(os.path.join(pool.dir, "store"))  # the FileStore the ranks met through
-
-    def test_workers_listen_on_loopback_only(self, cpu_pool):
-        pool = cpu_pool(3)
-        pool.start()
-        pids = [p.pid for p in pool.procs]
-        listeners = tcp_listeners(pids)
-        print(f"\n[item 9] workers' TCP listeners: {listeners}")
-        assert listeners and {address for address, _ in listeners} <= LOOPBACK  # gloo listens, on loopback only
-        inodes = set().union(*(socket_inodes(pid) for pid in pids))
-        with open("/proc/net/unix") as f:  # Flags with 0x10000 (__SO_ACCEPTCON): a listening unix socket
-            unix = [line.split() for line in f.readlines()[1:]]
-        assert not [u for u in unix if u[6] in inodes and int(u[3], 16) & 0x10000]
-
-    def test_a_foreign_client_on_a_gloo_port_is_ignored(self, cpu_pool, tiny_vae):
-        """A local process that connects to a worker's gloo port without the pool's store gets nowhere."""
-        import socket
-
-        pool = cpu_pool(2)
-        pool.start()
-        for _, port in tcp_listeners([p.pid for p in pool.procs]):
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-                client.sendall(os.urandom(64))
-        latent = sky_and_ground(1, 16, 4, 4)
-        torch.testing.assert_close(pool.decode(tiny_vae, latent), reference_decode(tiny_vae, latent), **TOL)
-
-    def test_another_user_cannot_open_the_store(self, cpu_pool):
-        pool = cpu_pool(2)
-        pool.start()
-        store = os.path.join(pool.dir, "store")
-        if os.getuid() != 0:
-            pytest.skip("switching users needs root; the folder's mode is checked above")
-        nobody = 65534
-        for command in (["cat", store], ["ls", pool.dir], ["sh", "-c", f"echo join >> {store}"]):
-            result = subprocess.run(command, user=nobody, group=nobody, capture_output=True, text=True, timeout=30)
-            assert result.returncode != 0 and "Permission denied" in result.stderr, (command, result)
