@@ -18,19 +18,29 @@ SERVER_MARKS = [
 ]
 
 
-def write_png(path: Path, width: int, height: int) -> None:
-    """A smooth colour ramp with a disc: structure that a wrong band or halo would visibly break."""
+def write_png(path: Path, width: int, height: int, variant: int = 0) -> None:
+    """A smooth colour ramp with a disc: structure that a wrong band or halo would visibly break.
+
+    Another `variant` moves the disc: a different picture of the same size, so that a job's output can be
+    told from an earlier job's.
+    """
     import numpy as np
     from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2).astype(np.float32)
+    cx = width * ((0.5 + 0.3 * variant) % 1)
+    disc = ((x - cx) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2).astype(np.float32)
     rgb = np.stack([x / width, y / height, 0.3 + 0.5 * disc], axis=-1)
     Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
 
 
 def nodes_of(prompt: dict, class_type: str) -> list[dict]:
     return [node for node in prompt.values() if node["class_type"] == class_type]
+
+
+def node_id(prompt: dict, class_type: str) -> str:
+    (found,) = [i for i, node in prompt.items() if node["class_type"] == class_type]
+    return found
 
 
 def saved_images(server, run) -> list[Path]:
@@ -40,6 +50,17 @@ def saved_images(server, run) -> list[Path]:
             assert image["type"] == "output", image
             paths.append(server.output_dir / image["subfolder"] / image["filename"])
     return paths
+
+
+def read_pngs(server, run, node: str) -> list:
+    """The images that SaveImage node `node` wrote (one per batch item, in order), as int16 [H, W, C]."""
+    import numpy as np
+    from PIL import Image
+
+    return [
+        np.asarray(Image.open(server.output_dir / image["subfolder"] / image["filename"]), dtype=np.int16)
+        for image in run.history["outputs"][node]["images"]
+    ]
 
 
 def run_ok(server, prompt):

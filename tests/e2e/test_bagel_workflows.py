@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import SERVER_MARKS, nodes_of, run_ok, saved_images, write_png
+from helpers import SERVER_MARKS, node_id, nodes_of, read_pngs, run_ok, saved_images, write_png
 
 pytestmark = SERVER_MARKS
 
@@ -42,20 +42,6 @@ def bagel_prompt(server, path: Path, prefix: str) -> dict:
     return prompt
 
 
-def node_id(prompt: dict, class_type: str) -> str:
-    (found,) = [i for i, node in prompt.items() if node["class_type"] == class_type]
-    return found
-
-
-def read_png(server, run, node: str):
-    """The one image that SaveImage node `node` wrote, as int16 [H, W, C]."""
-    import numpy as np
-    from PIL import Image
-
-    (image,) = run.history["outputs"][node]["images"]
-    return np.asarray(Image.open(server.output_dir / image["subfolder"] / image["filename"]), dtype=np.int16)
-
-
 class TestTextToImage:
     """Load BAGEL → Text to Image → Distributed VAE Decode → SaveImage, and the same latent through VAEDecode."""
 
@@ -82,7 +68,7 @@ class TestTextToImage:
         prompt["90"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": [load, 1]}}
         prompt["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": "e2e/bagel_core"}}
         run = run_ok(comfy_server, prompt)
-        ours, core = read_png(comfy_server, run, save), read_png(comfy_server, run, "91")
+        (ours,), (core,) = read_pngs(comfy_server, run, save), read_pngs(comfy_server, run, "91")
         assert ours.shape == core.shape == (SIZE, SIZE, 3)
         diff = abs(ours - core)
         print(f"BAGEL latent, Distributed VAE Decode vs core VAEDecode: max {diff.max()}/255, mean {diff.mean():.4f}")

@@ -2,7 +2,8 @@
 
 One server per module (see conftest.py). The tests run in file order and the last one stops the server:
 the pack loads, lists its nodes, runs the saved round-trip workflow on two CPU workers (and matches core
-VAEEncode/VAEDecode), stops on Cancel, rejects bad inputs readably, and leaves no worker behind once ComfyUI is gone.
+VAEEncode/VAEDecode), stops on Cancel and then returns each job's own pixels, rejects bad inputs readably,
+and leaves no worker behind once ComfyUI is gone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import SERVER_MARKS, nodes_of, run_ok, saved_images, write_png
+from helpers import SERVER_MARKS, node_id, nodes_of, read_pngs, run_ok, saved_images, write_png
 
 pytestmark = SERVER_MARKS
 
@@ -42,6 +43,35 @@ def roundtrip_prompt(server, image_name: str, prefix: str) -> dict:
     (save,) = nodes_of(prompt, "SaveImage")
     save["inputs"]["filename_prefix"] = prefix
     return prompt
+
+
+def checked_roundtrip_prompt(server, image_name: str, prefix: str, batch: int = 1) -> tuple[dict, str, str]:
+    """The saved round trip on `batch` copies of the image, plus core VAEDecode of the latent our encode made.
+
+    Returns (prompt, id of our SaveImage, id of the core decode's SaveImage): both must hold the same pixels.
+    """
+    prompt = roundtrip_prompt(server, image_name, prefix)
+    load, vae, save = node_id(prompt, "LoadImage"), node_id(prompt, "VAELoader"), node_id(prompt, "SaveImage")
+    encode = node_id(prompt, "BagelVAEPP_DistributedEncode")
+    prompt["90"] = {"class_type": "RepeatImageBatch", "inputs": {"image": [load, 0], "amount": batch}}
+    prompt[encode]["inputs"]["pixels"] = ["90", 0]
+    prompt["91"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": [vae, 0]}}
+    prompt["92"] = {"class_type": "SaveImage", "inputs": {"images": ["91", 0], "filename_prefix": f"{prefix}_core"}}
+    return prompt, save, "92"
+
+
+def assert_decodes_match_core(server, run, ours: str, core: str, batch: int, what: str) -> None:
+    """Our decode's PNGs equal core VAEDecode's of the same latent within 1/255 (rounding to 8 bits)."""
+    ours_png, core_png = read_pngs(server, run, ours), read_pngs(server, run, core)
+    assert len(ours_png) == len(core_png) == batch, f"{what}: {len(ours_png)} and {len(core_png)} images saved"
+    for i, (a, b) in enumerate(zip(ours_png, core_png, strict=True)):
+        assert a.shape == b.shape, f"{what}, image {i}: {a.shape} vs core {b.shape}"
+        diff = abs(a - b)
+        assert diff.max() <= 1, (
+            f"{what}, image {i}: max |ours - core VAEDecode| = {diff.max()}/255, mean {diff.mean():.2f}: "
+            "the job returned other pixels than its own latent's"
+        )
+        assert b.std() > 1, f"{what}, image {i}: the decoded image is flat: the comparison would prove nothing"
 
 
 def core_roundtrip_prompt(server, image_name: str, prefix: str) -> dict:
@@ -185,6 +215,50 @@ class TestInterrupt:
         )
         assert done - state["sent_at"] < self.STOP_WITHIN_S, f"took {done - state['sent_at']:.1f} s to stop"
 
+    # Small images, a few of them: an encode layer takes ~10 ms on 2 CPU workers, the whole job about a second.
+    CANCEL_SIZE, CANCEL_BATCH, OTHER_SIZE = (64, 64), 4, (96, 48)
+    CANCEL_ROUNDS = 2
+
+    def cancel_encode(self, comfy_server, image_name: str, prefix: str) -> None:
+        """Run the round trip and press Cancel on the encode node's first progress message."""
+        prompt, _, _ = checked_roundtrip_prompt(comfy_server, image_name, prefix, self.CANCEL_BATCH)
+        encode = node_id(prompt, "BagelVAEPP_DistributedEncode")
+        sent = []
+
+        def on_event(run, message):
+            if message["type"] == "progress" and message["data"]["node"] == encode and not sent:
+                sent.append(message["data"]["value"])
+                comfy_server.post_json("/interrupt", {})
+
+        run = comfy_server.run_prompt(prompt, on_event=on_event)
+        assert sent, f"the encode node sent no progress: {run.describe()}"
+        interrupted = [e["data"] for e in run.events if e["type"] == "execution_interrupted"]
+        assert interrupted and interrupted[0]["node_id"] == encode, (
+            f"Cancel sent during the encode job (at progress {sent[0]}) but not stopped there: {run.describe()}"
+        )
+
+    def test_jobs_after_cancel_match_core(self, comfy_server):
+        """After a Cancel, the next jobs (the same shape, another shape) return their own pixels: core
+        VAEDecode's of the same latent, within 1/255. A pool that leaves the cancelled job's workers running
+        hands its replies to the next job, which then returns too early with another job's pixels.
+
+        The Cancel arrives on the encode's first progress message, while the pool polls its workers: every
+        50 ms it advances ComfyUI's ProgressBar if a layer finished, then checks the interrupt. The real
+        progress hook (main.py) raises the interrupt from inside ProgressBar.update_absolute, so with layers
+        shorter than a poll most Cancels reach the pool that way, from its progress callback (9 of 10 measured
+        on 2 busy cores); two rounds make it near certain that one does.
+        """
+        for round_ in range(self.CANCEL_ROUNDS):
+            names = [f"e2e_cancel_{round_}_{what}.png" for what in ("cancelled", "same", "other")]
+            sizes = [self.CANCEL_SIZE, self.CANCEL_SIZE, self.OTHER_SIZE]
+            for variant, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
+                write_png(comfy_server.input_dir / name, w, h, variant=3 * round_ + variant)
+            self.cancel_encode(comfy_server, names[0], f"e2e/cancelled_{round_}")
+            for name, batch, what in [(names[1], self.CANCEL_BATCH, "same shape"), (names[2], 1, "other shape")]:
+                prompt, ours, core = checked_roundtrip_prompt(comfy_server, name, f"e2e/after_cancel_{round_}", batch)
+                run = run_ok(comfy_server, prompt)
+                assert_decodes_match_core(comfy_server, run, ours, core, batch, f"round {round_}, {what} after Cancel")
+
 
 class TestBadInputs:
     """A bad input is refused with a message that names it; the server keeps serving."""
@@ -229,10 +303,12 @@ class TestBadInputs:
         assert "timeout_s" in json.dumps(run.response["node_errors"].get(pool_id)), run.describe()
 
     def test_server_still_serves(self, comfy_server):
-        """After the refused prompts and the interrupted job, the pool runs a job again."""
+        """After the refused prompts and the interrupted jobs, the pool runs a job again, with its own pixels."""
         image_name = "e2e_after_errors.png"
         write_png(comfy_server.input_dir / image_name, 64, 64)
-        run_ok(comfy_server, roundtrip_prompt(comfy_server, image_name, "e2e/after_errors"))
+        prompt, ours, core = checked_roundtrip_prompt(comfy_server, image_name, "e2e/after_errors")
+        run = run_ok(comfy_server, prompt)
+        assert_decodes_match_core(comfy_server, run, ours, core, 1, "after the refused and interrupted prompts")
 
 
 class TestProgressAndStatus:
