@@ -10,7 +10,14 @@ and propagates at once; the next job first reads the replies the cancelled one s
 A worker that dies or hangs tears the whole pool down; the next job starts it again. What a job means is its
 kind's business: vae_job.py on this side, jobs.py in the workers.
 
-WHO_CAN_REACH
+Who can reach the workers: jobs and replies travel over socket pairs inherited at spawn, which no other process
+can open. The shared files (the ranks' FileStore, the control block, inputs, outputs, weights while they load) sit
+in fresh 0700 folders (staging.py) and are created 0600, so other users (root aside) can open none of them. gloo
+and NCCL listen on loopback TCP ports that every local user can connect to. A CPU worker closes its gloo listeners
+once its groups are made and refuses to run with a connection that leads to another user (loopback.py): a
+stranger during the start fails the start with an error, and after it cannot connect at all. NCCL accepts only
+connections that first send the random 64-bit number of the communicator's id, which travels through the store
+(read in NCCL's source; untested here without GPUs).
 """
 
 from __future__ import annotations
@@ -63,10 +70,13 @@ class PoolSpec:
 
 def worker_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
-    # Keep rendezvous and collectives on loopback; NVLink multicast stays off (see BENCHMARKS.md).
+    # Rendezvous and collectives on loopback whatever the user's environment says (another interface would let other
+    # hosts reach the ports while the pool starts); every gloo pair connected at start (loopback.py then closes the
+    # listeners); no fixed, public NCCL id.
+    env.update({"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "TORCH_GLOO_LAZY_INIT": "0"})
+    env.pop("NCCL_COMM_ID", None)
+    # NVLink multicast stays off (see BENCHMARKS.md), unless the user says otherwise.
     for key, value in {
-        "GLOO_SOCKET_IFNAME": "lo",
-        "NCCL_SOCKET_IFNAME": "lo",
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         "NVSHMEM_DISABLE_NVLS": "1",

@@ -81,10 +81,16 @@ def free_bytes(folder: str) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
+def new_file(path: str, nbytes: int):
+    """A new zero-filled file of `nbytes`, readable and writable by this user only, open for reading and writing."""
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), "w+b")
+    f.truncate(max(nbytes, 1))
+    return f
+
+
 def create(path: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A zero-filled shared tensor backed by a new file at `path` (its folder was chosen for room by staging)."""
-    with open(path, "wb") as f:
-        f.truncate(max(math.prod(shape) * dtype.itemsize, 1))
+    new_file(path, math.prod(shape) * dtype.itemsize).close()
     return attach(path, shape, dtype)
 
 
@@ -163,8 +169,7 @@ class OutputFiles:
             self.count += 1
             name = f"output{self.count}"
             path = os.path.join(self.place(nbytes, name), name)
-            with open(path, "w+b") as f:
-                f.truncate(max(nbytes, 1))
+            with new_file(path, nbytes) as f:
                 mapping = mmap.mmap(f.fileno(), nbytes) if nbytes else None
             file = _OutputFile(path, nbytes, mapping)
         else:

@@ -115,6 +115,7 @@ class Staging:
         name = f"weights{tag}.safetensors"
         nbytes = sum(t.numel() * t.element_size() for t in state_dict.values()) + (1 << 20)  # + the header
         path = os.path.join(self.place(nbytes, name), name)
+        shm.new_file(path, 0).close()  # 0600 before the weights are in it
         save_file(state_dict, path)
         return path
 

@@ -8,7 +8,6 @@ asks for are printed (run with `-s` to see them) and asserted where the issue se
 import copy
 import os
 import signal
-import subprocess
 import threading
 import time
 
