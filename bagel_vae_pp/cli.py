@@ -94,10 +94,11 @@ def bench_op(ae, op, data, args, device) -> list[dict]:
     ref = single_process(ae, op, data, device, torch.float32)
     base = {"op": op, "size": args.size, "batch": args.batch, "dtype": args.dtype, "device": args.device}
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the peak is what the allocator holds: start from nothing cached
         torch.cuda.reset_peak_memory_stats(device)
     model = copy.deepcopy(ae).to(device, DTYPES[args.dtype])
     out, ms = timed(lambda: single_process(ae, op, data, device, DTYPES[args.dtype], model), args.repeat, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
     rows = [{**base, "mode": "full", "workers": 1, "ms": ms, "peak_gib": peak, **errors(out, ref)}]
     pool = get_pool(PoolSpec.parse(pool_devices(args), args.dtype, args.timeout_s))
     run = pool.decode if op == "decode" else pool.encode
@@ -170,4 +171,19 @@ def main(argv=None) -> int:
             print(json.dumps(r))
     else:
         print_table(rows)
-    return 0
+    failed = inexact(rows)
+    for r in failed:
+        print(f"exactness check failed: {r['op']} through the pool is off by {r['max_rel_err']:.2e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def inexact(rows: list[dict]) -> list[dict]:
+    """Exact-mode pool rows further from the fp32 reference than the bound: 1e-4 relative in fp32; in bf16/fp16,
+    1.25x the single-process module's own rounding error in that dtype (or 1e-4, whichever is larger)."""
+    full = {r["op"]: r["max_rel_err"] for r in rows if r["mode"] == "full"}
+    return [
+        r
+        for r in rows
+        if r["mode"] == "exact"
+        and r["max_rel_err"] > (1e-4 if r["dtype"] == "fp32" else max(1e-4, 1.25 * full[r["op"]]))
+    ]

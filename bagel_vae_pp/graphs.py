@@ -51,12 +51,11 @@ class GraphCache:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, BandGraph] = OrderedDict()
         self.pool = None
-        self.pool_bytes = 0  # device memory the shared graph pool holds (grown at each capture)
 
     def clear(self) -> None:
         """Drop every graph and its memory (a new model makes them all stale)."""
         self.graphs.clear()
-        self.pool, self.pool_bytes = None, 0
+        self.pool = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -86,12 +85,8 @@ class GraphCache:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            reserved = torch.cuda.memory_reserved()
             with torch.cuda.graph(graph, pool=self.pool):
                 static_out = forward(static_in)
-            # A capture takes fresh segments for its private pool; replays allocate nothing, so a job's peak
-            # allocation misses them unless they are counted here.
-            self.pool_bytes += max(0, torch.cuda.memory_reserved() - reserved)
         finally:
             shard.on_layer = on_layer
         return BandGraph(graph, static_in, static_out, shard)

@@ -157,8 +157,9 @@ class Worker:
             torch.cuda.synchronize(self.device)
         reply = {"seconds": time.perf_counter() - start, "received": received, "finished": time.time()}
         if self.device.type == "cuda":
-            # replays of captured graphs run in memory held outside the allocated-bytes statistics
-            reply["peak_bytes"] = torch.cuda.max_memory_allocated(self.device) + self.graphs.pool_bytes
+            # What the caching allocator held at most: the memory of captured graphs (whose replays allocate nothing)
+            # and blocks kept cached between jobs included, so the figure is what the device really gave us.
+            reply["peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
         return reply
 
     def serve(self) -> bool:

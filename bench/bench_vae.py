@@ -1,7 +1,8 @@
 """GPU benchmark: single-GPU VAE vs the worker pool on 1, 2, 4 GPUs, exact and tiled, decode and encode.
 
 One run on one machine. For each case: median time through the pool as a node sees it (CPU tensor in,
-CPU tensor out), median engine time (slowest worker's compute), peak allocated memory per GPU, and
+CPU tensor out), median engine time (slowest worker's compute), peak memory per GPU as the caching allocator
+held it (max reserved: CUDA-graph pools and blocks cached between jobs included), and
 max abs / max rel error against the single-GPU fp32 full-image result where that fits on one GPU.
 Writes JSON lines to --out and prints a markdown table last.
 
@@ -76,7 +77,7 @@ def references(ae, sizes, ops, dtype, ref_max, single_max, device, repeat, emit,
                     torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
                 row["ms"] = 1000 * statistics.median(times[1:])
-                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                row["peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
                 if (op, size) in refs:
                     row.update(errors(out, refs[(op, size)]))
             except Exception as e:

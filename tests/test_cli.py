@@ -1,0 +1,32 @@
+"""The bench's exactness check: which pool rows fail it, and that a failure is the exit code."""
+
+import pytest
+
+from bagel_vae_pp import cli
+
+
+def row(op, mode, dtype, err):
+    return {"op": op, "mode": mode, "dtype": dtype, "max_rel_err": err}
+
+
+@pytest.mark.parametrize(
+    "dtype,full_err,pool_err,fails",
+    [("fp32", 2e-6, 9e-5, False), ("fp32", 2e-6, 2e-4, True), ("bf16", 6e-2, 7e-2, False),
+     ("bf16", 6e-2, 8e-2, True), ("bf16", 1e-6, 9e-5, False)],
+)  # fmt: skip
+def test_pool_rows_beyond_the_bound_fail(dtype, full_err, pool_err, fails):
+    rows = [row(op, mode, dtype, err) for op in ("decode", "encode")
+            for mode, err in (("full", full_err), ("exact", pool_err))]  # fmt: skip
+    assert [r["op"] for r in cli.inexact(rows)] == (["decode", "encode"] if fails else [])
+
+
+def test_tiled_rows_are_not_held_to_the_exact_bound():
+    assert cli.inexact([row("decode", "full", "fp32", 1e-6), row("decode", "tiled", "fp32", 0.3)]) == []
+
+
+def test_a_failed_check_is_exit_code_1(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "bench", lambda args: [row("decode", "full", "fp32", 1e-6) | {"workers": 1},
+                                                    row("decode", "exact", "fp32", 1e-3) | {"workers": 2}])  # fmt: skip
+    monkeypatch.setattr(cli, "print_table", lambda rows: None)
+    assert cli.main(["bench", "--device", "cpu"]) == 1
+    assert "exactness check failed: decode through the pool is off by 1.00e-03" in capsys.readouterr().err
