@@ -81,3 +81,23 @@ def test_bf16_through_the_pool_within_the_bound_of_the_module(case, op):
     module, pool = module_err(ae, op, data, refs[op], torch.bfloat16), pool_err(ae, op, data, refs[op], "bf16")
     print(f"\n[gpu] {op} {SIZE}² bf16 vs float64: pool {pool:.2e}, in-process module {module:.2e}")
     assert pool <= max(1e-4, 1.25 * module)
+
+
+def test_a_cancel_from_the_progress_bar_leaves_later_jobs_right(case):
+    """On a GPU worker (CUDA graphs replayed per batch item, cancel agreed between replays)."""
+    ae, _, latent, _ = case
+    pool = WorkerPool(PoolSpec.parse("0", "bf16", 300))
+    try:
+        first = pool.decode(ae, latent).clone()
+        calls = []
+
+        def cancel_on_second_call(done, total):
+            calls.append(done)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            pool.decode(ae, latent.repeat(16, 1, 1, 1), progress=cancel_on_second_call)
+        assert torch.equal(pool.decode(ae, latent).clone(), first)
+    finally:
+        pool.shutdown()
