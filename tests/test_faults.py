@@ -321,6 +321,20 @@ class TestBadInput:
         finally:
             pool.shutdown()
 
+    def test_a_nan_in_the_last_rows_of_a_1024_image_is_refused(self, cpu_pool, tiny_vae):
+        """A 1024² IMAGE is 12 MiB, six of the 2 MiB chunks the host copies and checks in threads: the last counts."""
+        pixels = torch.rand(1, 1024, 1024, 3)
+        pixels[0, 1021, 700, 2] = float("nan")
+        with pytest.raises(ValueError, match="pixels: contains 1 NaN/Inf"):
+            cpu_pool(2).encode(tiny_vae, pixels)
+
+    def test_an_image_of_several_copy_chunks_encodes_exactly(self, cpu_pool, tiny_vae):
+        """512x520x3 float32 is 3.05 MiB, two chunks of the host's copy: the second must reach the workers too."""
+        pixels = torch.rand(1, 512, 520, 3, generator=torch.Generator().manual_seed(11))
+        ref = reference_encode(tiny_vae, pixels)
+        out = cpu_pool(2).encode(tiny_vae, pixels)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
 
 class Marker:
     """A pickle that creates a file when unpickled: proof that nobody unpickled it."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bagel_vae_pp import shm
+from bagel_vae_pp.bands import plan_tiles
 from bagel_vae_pp.pool import PoolSpec, WorkerPool
 
 pytestmark = pytest.mark.timeout(120)  # a broken deadline fails the test instead of hanging the run
@@ -217,3 +218,81 @@ class TestOutputFiles:
         released = files.trim()
         assert len(released) == 3 and not any(os.path.exists(p) for p in released)
         assert len(os.listdir(tmp_path)) == 1
+
+
+def ramp(start: int, stop: int, size: int, ramp_px: int) -> torch.Tensor:
+    """Raw feathering weight of a tile spanning [start, stop) of `size`, float64: it climbs as (d + 1) / (ramp_px
+    + 1) with the distance d from an edge it shares with a neighbour (reaching 1 after ramp_px values) and is
+    flat against the image edge."""
+    d = torch.arange(stop - start, dtype=torch.float64)
+    w = torch.ones_like(d)
+    if start > 0:
+        w = torch.minimum(w, (d + 1) / (ramp_px + 1))
+    if stop < size:
+        w = torch.minimum(w, (d.flip(0) + 1) / (ramp_px + 1))
+    return w
+
+
+def decoded_tiles(ae, latent):
+    """Tile (y0:y1, x0:x1) of `latent` [z, h, w] -> [3, 8(y1-y0), 8(x1-x0)] by the in-process module, before the
+    IMAGE clamp (tiled mode blends tiles, then clamps the blend)."""
+
+    def tile(y0, y1, x0, x1):
+        with torch.inference_mode():
+            return ae.decode(latent[None, :, y0:y1, x0:x1])[0]
+
+    return tile
+
+
+def encoded_tiles(ae, pixels):
+    """Tile (y0:y1, x0:x1) of IMAGE `pixels` [1, H, W, 3] -> [z, (y1-y0)/8, (x1-x0)/8] by the in-process module."""
+    return lambda y0, y1, x0, x1: reference_encode(ae, pixels[:, y0:y1, x0:x1])[0]
+
+
+def feathered(run_tile, H, W, tile, overlap, unit, scale):
+    """A plain feathered-tile reference: every tile of the grid weighted by the product of its row and column
+    ramps, the weighted sum divided by the sum of the weights at each output position. Float64 [C, H', W']."""
+    rows, cols = plan_tiles(H, tile, overlap, unit), plan_tiles(W, tile, overlap, unit)
+    out_H, out_W, ramp_px = round(H * scale), round(W * scale), round(overlap * scale)
+    acc, total = None, torch.zeros(out_H, out_W, dtype=torch.float64)
+    for y0, y1 in rows:
+        for x0, x1 in cols:
+            oy0, oy1, ox0, ox1 = (round(v * scale) for v in (y0, y1, x0, x1))
+            w = ramp(oy0, oy1, out_H, ramp_px)[:, None] * ramp(ox0, ox1, out_W, ramp_px)[None]  # [h', w']
+            y = run_tile(y0, y1, x0, x1).double()  # [C, h', w']
+            acc = acc if acc is not None else torch.zeros(y.shape[0], out_H, out_W, dtype=torch.float64)
+            acc[:, oy0:oy1, ox0:ox1] += w * y
+            total[oy0:oy1, ox0:ox1] += w
+    return acc / total
+
+
+class TestTiledAgainstPlainFeathering:
+    """Tiled mode against `feathered` on tiles decoded (encoded) by the in-process module in fp32, so a wrong ramp
+    or normalisation shows (tiled mode is approximate, but exactly this approximation), on 1, 2 and 3 workers."""
+
+    # (batch, latent h, w), tile_px, overlap_px: tiles overlapping both ways; five tile rows over a single column
+    # narrower than a tile; a ramp of 32 px. plan_tiles keeps every tile whole (the last one flush with the edge,
+    # so overlaps differ in width): the only short tile is a single one spanning the image.
+    CASES = [((2, 19, 13), 64, 16), ((1, 27, 5), 64, 16), ((1, 14, 14), 80, 32)]
+
+    @pytest.mark.parametrize("shape,tile_px,overlap_px", CASES)
+    def test_decode(self, cpu_pool, tiny_vae, shape, tile_px, overlap_px):
+        B, h, w = shape
+        latent = sky_and_ground(B, 16, h, w)
+        refs = [feathered(decoded_tiles(tiny_vae, z), h, w, tile_px // 8, overlap_px // 8, 1, 8) for z in latent]
+        ref = ((torch.stack(refs) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, 8h, 8w, 3]
+        err = {}  # workers -> max abs error; images are in [0, 1]
+        for workers in (1, 2, 3):
+            out = cpu_pool(workers).decode(tiny_vae, latent, mode="tiled", tile_px=tile_px, overlap_px=overlap_px)
+            err[workers] = (out.double() - ref).abs().max().item()
+        assert max(err.values()) <= TOL["atol"], err
+
+    @pytest.mark.parametrize("H,W", [(152, 104), (216, 40)])
+    def test_encode(self, cpu_pool, tiny_vae, H, W):
+        pixels = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(W))
+        ref = feathered(encoded_tiles(tiny_vae, pixels), H, W, 64, 16, 8, 1 / 8)  # [z, H/8, W/8]
+        err = {}  # workers -> max abs error relative to the largest latent value
+        for workers in (1, 2, 3):
+            out = cpu_pool(workers).encode(tiny_vae, pixels, mode="tiled", tile_px=64, overlap_px=16)
+            err[workers] = ((out[0].double() - ref).abs().max() / ref.abs().max()).item()
+        assert max(err.values()) <= 1e-4, err
