@@ -27,6 +27,7 @@ import pytest
 import torch
 from test_pool import alive, reference_decode, sky_and_ground
 
+from bagel_vae_pp import loopback
 from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
 
 pytestmark = pytest.mark.timeout(180)
@@ -223,15 +224,21 @@ class TestListeners:
         assert result == {"connected": 0}
         assert [open_fds(pid) for pid in pids] == fds
 
-    def test_lazy_gloo_connections_are_refused_at_start(self, monkeypatch, tiny_vae):
-        """With TORCH_GLOO_LAZY_INIT gloo would connect pairs during jobs, to listeners that no longer take any."""
-        monkeypatch.setenv("TORCH_GLOO_LAZY_INIT", "1")  # the workers inherit the host's environment
+    def test_lazy_gloo_connections_stay_off_whatever_the_host_environment_says(self, monkeypatch, tiny_vae):
+        """With TORCH_GLOO_LAZY_INIT gloo would connect pairs during jobs, to listeners that no longer take any: the
+        pool sets it off for its workers, and a worker that finds it on refuses to start."""
+        monkeypatch.setenv("TORCH_GLOO_LAZY_INIT", "1")
         pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 20))
         try:
-            with pytest.raises(RuntimeError, match="TORCH_GLOO_LAZY_INIT is set"):
-                pool.decode(tiny_vae, sky_and_ground(1, 16, 4, 4))
+            latent = sky_and_ground(1, 16, 4, 4)
+            torch.testing.assert_close(pool.decode(tiny_vae, latent), reference_decode(tiny_vae, latent), **TOL)
+            for proc in pool.procs:
+                with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                    assert b"TORCH_GLOO_LAZY_INIT=0" in f.read().split(b"\0")
         finally:
             pool.shutdown()
+        with pytest.raises(RuntimeError, match="TORCH_GLOO_LAZY_INIT is set"):
+            loopback.seal_gloo_group()
 
     def test_closing_and_checking_on_plain_sockets(self):
         """In a fresh process with one listener of its own: closing waits for the connection the kernel already
