@@ -174,7 +174,8 @@ class BagelModelLoader:
         }}  # fmt: skip
 
     def execute(self, model, dtype):
-        loaded = load_bagel(resolve_folder(host.bagel_model_dirs(), model), host.offload_device(), dtype)
+        folder = resolve_folder(host.bagel_model_dirs(), model)
+        loaded = load_bagel(folder, host.offload_device(), dtype, released_vae_only=True)  # ComfyUI's VAE needs it
         managed = ManagedBagel(loaded, host.managed(loaded.model, loaded.vae))
         return (managed, host.make_comfy_vae(loaded.vae_state_dict))
 

@@ -74,6 +74,24 @@ class TestLoad:
         with pytest.raises(ValueError, match=r"0 missing \(\), 1 unexpected \(extra_head\)"):
             load_bagel(folder, "cpu", torch.float32)
 
+    def test_host_vae_of_other_widths_is_refused_in_one_line_before_any_weights_are_read(self, root, tmp_path):
+        """ComfyUI's VAE class builds only the released widths; a 32-wide ae.safetensors must not reach it. The
+        ema.safetensors here is not even a safetensors file: the check runs before any weights are read."""
+        folder = broken_copy(root / "tiny", tmp_path / "narrow-vae", lambda sd: None)
+        (tmp_path / "narrow-vae" / "ema.safetensors").write_bytes(b"not read")
+        vae_path = os.path.join(folder, "ae.safetensors")
+        with pytest.raises(ValueError) as error:
+            load_bagel(folder, "cpu", torch.float32, released_vae_only=True)
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(f"{vae_path}: the autoencoder is 32 channels wide")
+        assert "ch_mult (1, 2, 2, 2), 1 resnets per level" in message and "128 wide" in message
+
+    def test_host_vae_of_the_released_widths_loads(self, tmp_path):
+        vae = random_autoencoder("flux", seed=1)
+        folder = write_tiny_checkpoint(str(tmp_path / "flux-vae"), vae=vae, vae_dtype=torch.bfloat16)
+        loaded = load_bagel(folder, "cpu", torch.float32, released_vae_only=True)
+        assert loaded.vae.params.ch == 128 and loaded.vae.params.ch_mult == (1, 2, 4, 4)
+
     def test_wrong_shape_is_named(self, root, tmp_path):
         folder = broken_copy(root / "tiny", tmp_path / "shape", lambda sd: sd.update({"llm2vae.bias": torch.zeros(3)}))
         with pytest.raises(ValueError, match=r"llm2vae.bias has shape \(3,\)"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from host_stub import InterruptProcessingException, progress_bar_class
 
+from bagel_vae_pp.autoencoder import random_autoencoder
 from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,8 @@ class Host:
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     root = tmp_path_factory.mktemp("models_bagel")
-    write_tiny_checkpoint(str(root / "tiny-bagel"))
+    # The released widths: the loader node refuses others, as ComfyUI's VAE class cannot build them.
+    write_tiny_checkpoint(str(root / "tiny-bagel"), vae=random_autoencoder("flux"), vae_dtype=torch.bfloat16)
     return Host(str(root))
 
 
@@ -205,3 +207,12 @@ class TestRun:
             loaded[0], torch.rand(1, 64, 64, 3), "what?", 4, 0.0, 0, False
         )
         assert isinstance(text, str) and text
+
+
+def test_loader_refuses_a_vae_comfyui_cannot_build_before_its_vae_class_sees_it(nodes, host, tmp_path, monkeypatch):
+    """A 32-wide ae.safetensors gives one line naming the file and both widths, not ComfyUI's size mismatches."""
+    write_tiny_checkpoint(str(tmp_path / "narrow"))
+    monkeypatch.setattr(host, "root", str(tmp_path))
+    monkeypatch.setattr(sys.modules["comfy.sd"], "VAE", lambda sd: pytest.fail("ComfyUI's VAE class was called"))
+    with pytest.raises(ValueError, match=r"narrow/ae.safetensors: the autoencoder is 32 channels wide .* 128 wide"):
+        nodes.BagelModelLoader().execute("narrow", "fp32")

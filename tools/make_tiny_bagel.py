@@ -1,9 +1,11 @@
 """Write a tiny random-weight BAGEL-7B-MoT checkpoint folder (real file layout) for tests and demos.
 
 python tools/make_tiny_bagel.py models/bagel/tiny-bagel [--seed 0] [--vae-in-subfolder]
-    [--vae-size flux] [--vae-dtype bf16]
+    [--vae-size flux|tiny] [--vae-dtype bf16|fp32]
 
---vae-size flux writes a full-size random FLUX VAE (84M parameters), which ComfyUI's core VAE nodes accept.
+The default ae.safetensors is a random FLUX VAE at the released widths (84M parameters, 168 MB in bf16): the
+only one ComfyUI's VAE class builds, so the BAGEL Model Loader node refuses others. --vae-size tiny (32 wide)
+is for the engine alone.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="output folder, e.g. ComfyUI/models/bagel/tiny-bagel")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
     parser.add_argument("--vae-in-subfolder", action="store_true", help="write vae/ae.safetensors (DF11 layout)")
-    parser.add_argument("--vae-size", choices=("tiny", "flux"), default="tiny", help="ae.safetensors size")
-    parser.add_argument("--vae-dtype", choices=tuple(DTYPES), default="fp32", help="ae.safetensors dtype")
+    parser.add_argument("--vae-size", choices=("tiny", "flux"), default="flux", help="ae.safetensors size")
+    parser.add_argument("--vae-dtype", choices=tuple(DTYPES), default="bf16", help="ae.safetensors dtype")
     args = parser.parse_args(argv)
     vae = random_autoencoder(args.vae_size, seed=args.seed)
     folder = write_tiny_checkpoint(args.folder, seed=args.seed, vae_in_subfolder=args.vae_in_subfolder, vae=vae,

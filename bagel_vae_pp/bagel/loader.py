@@ -5,6 +5,7 @@ A folder holds `llm_config.json`, `vit_config.json`, `ema.safetensors` (all of B
 device; each tensor is read from safetensors straight to its device and dtype and assigned
 (`load_state_dict(strict=True, assign=True)`), after a key and shape check that names what differs.
 `max_latent_size` and the ViT table side come from the position-table shapes, not from config.json.
+Hosts whose VAE class builds only the released widths (ComfyUI's) ask for those to be checked first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..autoencoder import AutoEncoder, autoencoder_from_state_dict, describe_keys
+from ..autoencoder import AutoEncoder, autoencoder_from_state_dict, describe_keys, detect_params, strip_prefixes
 from .config import BagelParams, LLMConfig, ViTConfig
 from .model import Bagel
 from .tokenizer import BagelTokenizer
@@ -25,6 +26,9 @@ from .tokenizer import BagelTokenizer
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "tokenizer.json")
 VAE_LOCATIONS = ("ae.safetensors", os.path.join("vae", "ae.safetensors"))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The released BAGEL's ae.safetensors (FLUX's): base width, width multipliers, resnets per encoder level.
+# ComfyUI's VAE class builds exactly these for a FLUX-layout file and fails on others, one line per tensor.
+RELEASED_VAE_WIDTHS = (128, (1, 2, 4, 4), 2)
 
 
 @dataclass
@@ -71,6 +75,21 @@ def resolve_folder(roots: list[str], name: str) -> str:
         f"BAGEL model {name!r} not found in {roots}: a model folder needs {', '.join(REQUIRED_FILES)} and "
         "ae.safetensors (or vae/ae.safetensors). Download ByteDance-Seed/BAGEL-7B-MoT into models/bagel/<name>."
     )
+
+
+def check_released_vae_widths(path: str) -> None:
+    """Refuse an autoencoder file whose widths are not the released BAGEL's, reading only its header."""
+    with safe_open(path, framework="pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    p = detect_params(strip_prefixes(shapes))
+    if (p.ch, p.ch_mult, p.num_res_blocks) != RELEASED_VAE_WIDTHS:
+        ch, ch_mult, blocks = RELEASED_VAE_WIDTHS
+        raise ValueError(
+            f"{path}: the autoencoder is {p.ch} channels wide (ch_mult {p.ch_mult}, {p.num_res_blocks} resnets per "
+            f"level); ComfyUI's VAE class builds only the released BAGEL's, {ch} wide (ch_mult {ch_mult}, {blocks} "
+            "resnets). Use the ae.safetensors of ByteDance-Seed/BAGEL-7B-MoT (a tiny test checkpoint: "
+            "tools/make_tiny_bagel.py --vae-size flux)."
+        )
 
 
 def square_side(path: str, key: str, shapes: dict) -> int:
@@ -125,7 +144,9 @@ def load_bagel_model(ema_path: str, params: BagelParams, device, dtype: torch.dt
     return model.eval().requires_grad_(False)
 
 
-def load_bagel(folder: str, device="cpu", dtype: torch.dtype | str = torch.bfloat16) -> LoadedBagel:
+def load_bagel(
+    folder: str, device="cpu", dtype: torch.dtype | str = torch.bfloat16, released_vae_only: bool = False
+) -> LoadedBagel:
     """Load a BAGEL checkpoint folder.
 
     Args:
@@ -133,6 +154,8 @@ def load_bagel(folder: str, device="cpu", dtype: torch.dtype | str = torch.bfloa
         device: where the model and the autoencoder go.
         dtype: model weights and compute (bf16/fp16 on GPUs, fp32 for exact comparisons), a torch dtype or a
             DTYPES name; the VAE stays fp32.
+        released_vae_only: refuse, before reading any weights, an ae.safetensors whose widths are not the
+            released model's (for a host that builds its own VAE object from the file, as ComfyUI does).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -140,6 +163,8 @@ def load_bagel(folder: str, device="cpu", dtype: torch.dtype | str = torch.bfloa
         dtype = DTYPES[dtype]
     if not is_bagel_folder(folder):
         resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+    if released_vae_only:
+        check_released_vae_widths(find_vae_file(folder))
     vae_sd = load_file(find_vae_file(folder))
     vae = autoencoder_from_state_dict(vae_sd, device, torch.float32)
     ema_path = os.path.join(folder, "ema.safetensors")
