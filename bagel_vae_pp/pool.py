@@ -165,6 +165,8 @@ class WorkerPool:
 
     def ready(self, interrupt=None) -> None:
         """Settle what a cancelled job owes, then make sure the workers run."""
+        if self.stopping:  # shutdown() stopped the pool under the last job before that job could clean up
+            self.kill()
         self.settle()
         self.start(interrupt)
 
