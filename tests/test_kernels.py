@@ -1,173 +1,24 @@
-"""Triton kernels (attention in three forms, GroupNorm statistics / apply, the conv-bias sums, the phase interleave)
-and the engine's calls into them, against float64 references written here.
+"""The memory-bound kernels (GroupNorm statistics / apply in NCHW and NHWC, a conv's bias folded into them or into
+the residual sum, the sub-pixel upsample's phase interleave) against float64 references written here.
 
-The kernel classes run the real kernels on CPU tensors through Triton's interpreter (the `interp` fixture) and are
-skipped only where Triton is not installed (the README's test command installs it); the fallback tests always
-run. Inputs are fresh random draws with non-zero means (randn * 3 + 2 and the like), so a wrong mean or variance
-shows.
+The kernel classes run the real kernels on CPU tensors through Triton's interpreter (`kernel_refs.interp`); the
+fallback tests always run. Inputs are fresh random draws with non-zero means (randn * 3 + 2 and the like), so a
+wrong mean or variance shows.
 """
 
-import importlib
-import importlib.util
-import sys
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from kernel_refs import (  # noqa: F401
+    apply64,
+    assert_rounded_from,
+    channels_last,
+    interpreted_kernels,
+    needs_triton,
+    norm64,
+    stats64,
+)
 
 from bagel_vae_pp import kernels
-from bagel_vae_pp.autoencoder import AttnBlock, ResnetBlock
-from bagel_vae_pp.kernels.split_attention import LOG2E, pick_key_splits
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: only the fallbacks run")
-# Attention against float64, relative. bf16: the output's own rounding is ~1.7e-3, which the interpreter's
-# round-toward-zero doubles, and P's rounding adds as much again: 3.4e-3 (6e-3 through the split kernel's bf16
-# store), as gemm_attention's P gives: bound 1e-2. fp16 carries 3 more bits: 2.4e-4, bound 1e-3. fp32 (P in fp32
-# too): ~1e-7 an operation, sums of 512 products and of up to 300 probabilities stay under 1e-6: bound 1e-5.
-ATTN_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
-COPIED = ("bagel_vae_pp.kernels", "bagel_vae_pp.collectives", "bagel_vae_pp.sharded")  # the kernels and their callers
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def attention64(q, k, v):
-    """softmax(q k^T / sqrt(D)) v in float64, for [..., L, D] tensors."""
-    q, k, v = q.double(), k.double(), v.double()
-    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [..., Lq, L]
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    return (p / p.sum(-1, keepdim=True)) @ v
-
-
-def stats64(x, groups):
-    """Per-(sample, group) mean and biased variance in float64, [B, G] each."""
-    x = x.double().reshape(x.shape[0], groups, -1)
-    mean = x.mean(-1)
-    return mean, ((x - mean[..., None]) ** 2).mean(-1)
-
-
-def apply64(x, mean, rstd, w, b, groups, silu):
-    B, C = x.shape[:2]
-    y = x.double().reshape(B, groups, -1) - mean.double()[:, :, None]
-    y = (y * rstd.double()[:, :, None]).reshape(x.shape) * w.double()[:, None, None] + b.double()[:, None, None]
-    return y * torch.sigmoid(y) if silu else y
-
-
-def norm64(norm, x, silu=False):
-    """nn.GroupNorm `norm` of x (then SiLU) in float64."""
-    mean, var = stats64(x, norm.num_groups)
-    return apply64(x, mean, 1 / torch.sqrt(var + norm.eps), norm.weight, norm.bias, norm.num_groups, silu)
-
-
-def _fp32_dot_for_bf16(create_dot):
-    """Triton's interpreter multiplies bf16 tiles as their raw uint16 bits (3.6 to 3.9): widen them first."""
-
-    def widened(self, a, b, d, *args):
-        from triton.runtime.interpreter import TensorHandle
-
-        def fp32(h):
-            if h.data.dtype != np.uint16:  # bf16 is the only 16-bit type stored as uint16
-                return h
-            return TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), d.dtype.scalar)
-
-        return create_dot(self, fp32(a), fp32(b), d, *args)
-
-    return widened
-
-
-@pytest.fixture(scope="module")
-def interp():
-    """The kernels, and the engine modules that call them, as a second copy imported with TRITON_INTERPRET=1.
-
-    Triton makes a @triton.jit function compiled or interpreted when it is defined, i.e. on import. Everything
-    imported before this module's tests (triton.language's own jit functions, the engine) is compiled, and
-    compiled kernels cannot take CPU tensors. So for these tests: the jit functions of triton.language are swapped
-    for interpreted ones, and the kernels, collectives and sharded modules are imported afresh with the flag set;
-    when the module's tests end the rest of the run gets the compiled ones back. `interp.kernels` is the package,
-    `interp.sharded` the engine, and each kernels submodule is there by name (`interp.group_norm`, ...).
-
-    The interpreter's bf16 dot is widened to fp32 here. It also rounds fp32 -> bf16 toward zero (the GPU rounds
-    to nearest even), so bf16 results carry about twice the GPU's rounding error; the tolerances allow for it.
-    """
-    from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
-    from triton.runtime.jit import JITFunction
-
-    import bagel_vae_pp
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")  # also read while the kernels run
-        for name, module in list(sys.modules.items()):
-            if name.startswith("triton.language") and module is not None:
-                for attr, value in list(vars(module).items()):
-                    if isinstance(value, JITFunction):  # tl.zeros, tl.sum, tl.sigmoid, ...
-                        mp.setattr(module, attr, InterpretedFunction(value.fn))
-        mp.setattr(InterpreterBuilder, "create_dot", _fp32_dot_for_bf16(InterpreterBuilder.create_dot))
-        for name in [n for n in sys.modules if n.startswith(COPIED)]:
-            mp.delitem(sys.modules, name)
-        for name in COPIED:  # else `from . import kernels` would find the compiled copy on the package
-            mp.delattr(bagel_vae_pp, name.split(".")[1], raising=False)
-        sharded = importlib.import_module("bagel_vae_pp.sharded")
-        parts = {n.split(".")[2]: m for n, m in sys.modules.items() if n.startswith("bagel_vae_pp.kernels.")}
-        yield SimpleNamespace(kernels=sys.modules["bagel_vae_pp.kernels"], sharded=sharded, **parts)
-
-
-@needs_triton
-class TestAttentionKernel:
-    """The Triton attention under the interpreter."""
-
-    @pytest.mark.parametrize(
-        "D, Lq, L, config",
-        [
-            (64, 70, 45, None),
-            (128, 64, 100, "m64n32w8s2"),
-            (256, 33, 64, "m64n32w8s2c128"),
-            (64, 130, 200, "m64n64w8s1"),
-            (512, 64, 40, None),
-            (512, 20, 72, "m64n32w8s2c128"),
-        ],
-    )
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    def test_matches_fp64(self, interp, D, Lq, L, config, dtype):
-        torch.manual_seed(1000 * D + Lq + L)
-        q = (torch.randn(2, 1, Lq, D) * 2 + 0.5).to(dtype)
-        k = (torch.randn(2, 1, L, D) + 0.3).to(dtype)
-        v = (torch.randn(2, 1, L, D) * 3 + 2).to(dtype)
-        out = interp.kernels.attention(q, k, v, config=config)
-        assert out.dtype == dtype and out.shape == q.shape
-        assert rel_err(out, attention64(q, k, v)) < ATTN_TOL[dtype]
-
-    def test_engine_layout_and_out_buffer(self, interp):
-        """Token-contiguous views of NCHW maps (as `to_tokens` gives); out= is fully written, layout kept."""
-        torch.manual_seed(7)
-        C, H, W = 128, 6, 11
-        maps = [(torch.randn(1, C, H, W) * 2 + 1).half() for _ in range(3)]
-        q, k, v = (m.reshape(1, 1, C, H * W).transpose(-1, -2) for m in maps)  # [1, 1, 66, 128], stride 1 on L
-        out = torch.full_like(q, float("nan"))
-        got = interp.kernels.attention(q, k, v, out=out)
-        assert got is out and not out.isnan().any()
-        assert rel_err(out, attention64(q, k, v)) < 1e-2
-        assert interp.kernels.attention(q, k, v).stride() == q.stride()
-        three_d = interp.kernels.attention(*(t[:, 0].contiguous() for t in (q, k, v)))  # [B, L, D]
-        torch.testing.assert_close(three_d, out[:, 0])
-
-    def test_large_scores_stay_finite(self, interp):
-        """Scores of several hundred (softmax near one-hot) must not overflow the online rescale."""
-        torch.manual_seed(3)
-        q = (torch.randn(1, 1, 64, 64) * 8).half()
-        k = (torch.randn(1, 1, 96, 64) * 8).half()
-        v = torch.randn(1, 1, 96, 64).half()
-        out = interp.kernels.attention(q, k, v, config="m64n32w8s2")
-        assert out.isfinite().all() and rel_err(out, attention64(q, k, v)) < 1e-2
-
-
-def assert_rounded_from(out, ref):
-    """out is the float64 ref rounded to out's dtype, within that dtype's default tolerances: the kernels compute in
-    fp32 and round once, so they land within an ulp (bf16 1.6e-2, fp16 1e-3, fp32 1.3e-6 relative, atol 1e-5)."""
-    torch.testing.assert_close(out, ref.to(out.dtype))
 
 
 def assert_stats_match_fp64(gn, x, groups, mean_tol, var_tol):
@@ -222,10 +73,6 @@ class TestGroupNormKernels:
         rstd = torch.rsqrt(var.float() + 1e-6)
         out = interp.kernels.group_norm_apply(x, mean.float(), rstd, None, None, 2)
         assert_rounded_from(out, apply64(x, mean, rstd, torch.ones(8), torch.zeros(8), 2, False))
-
-
-def channels_last(x):
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 @needs_triton
@@ -319,121 +166,6 @@ class TestGroupNormKernelsNHWC:
         assert layout(torch.randn(2, 8, 5)) == "nchw" and layout(torch.randn(2, 8, 5).transpose(1, 2)) is None
 
 
-@needs_triton
-class TestGemmAttentionKernel:
-    """The GEMM-form attention (kernels/gemm_attention.py): its Triton row softmax under the interpreter."""
-
-    @pytest.mark.parametrize("L", [1, 2047, 2500, 4096])
-    def test_softmax_rows_matches_fp64(self, interp, L):
-        torch.manual_seed(L)
-        s = torch.randn(5, L) * 40 + 7  # spread wide enough that most exp() underflow
-        s[1] *= 1e3
-        p = interp.gemm_attention.softmax_rows(s, 0.125, torch.bfloat16)
-        ref = torch.softmax(s.double() * 0.125, dim=-1)
-        assert p.dtype == torch.bfloat16 and p.shape == s.shape
-        assert (p.double() - ref).abs().max().item() < 4e-3
-        assert torch.allclose(p.double().sum(-1), torch.ones(5, dtype=torch.float64), atol=2e-2)
-
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    def test_matches_fp64_over_query_blocks(self, interp, dtype):
-        torch.manual_seed(5)
-        q = (torch.randn(2, 70, 512) * 2 + 0.5).to(dtype)
-        k = (torch.randn(2, 300, 512) + 0.3).to(dtype)
-        v = (torch.randn(2, 300, 512) * 3 + 2).to(dtype)
-        out = interp.kernels.gemm_attention(q, k, v, score_bytes=4 * 300 * 16)  # 16 query rows a block: 5 blocks
-        assert out.dtype == dtype and out.shape == q.shape
-        assert rel_err(out, attention64(q, k, v)) < ATTN_TOL[dtype]
-
-
-@needs_triton
-class TestSplitAttentionKernel:
-    """The split attention (kernels/split_attention.py): scores -> stored P, stats merge, scaled P v."""
-
-    @pytest.mark.parametrize(
-        "D, Lq, L, configs, key_splits",
-        [
-            (64, 70, 300, (None, None), None),  # keys 2 x 128 + 44, rows 70 of a 128-row tile
-            (512, 33, 129, (None, None), 1),  # a 1-key last tile; the direct epilogue (no partial sums)
-            (512, 20, 300, (None, None), 3),  # one key tile a split, the last one ragged
-            (64, 150, 200, ("m64n64k64w4s2", "m64n64k64w4s2"), None),  # 3 row tiles, an 8-key tail step
-            (128, 64, 96, ("m128n128k64w8s3", "m64n64k64w4s2"), 1),  # BM != BM2; 2 output column tiles
-        ],
-    )
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    def test_matches_fp64(self, interp, D, Lq, L, configs, key_splits, dtype):
-        torch.manual_seed(1000 * D + Lq + L)
-        q = (torch.randn(2, Lq, D) * 2 + 0.5).to(dtype)
-        k = (torch.randn(2, L, D) + 0.3).to(dtype)
-        v = (torch.randn(2, L, D) * 3 + 2).to(dtype)
-        configs = dict(scores_config=configs[0], pv_config=configs[1], key_splits=key_splits)
-        out = interp.kernels.split_attention(q, k, v, **configs)
-        assert out.dtype == dtype and out.shape == q.shape
-        assert rel_err(out, attention64(q, k, v)) < ATTN_TOL[dtype]
-
-    def test_takes_what_the_engine_passes(self, interp):
-        """The engine's q, k, v (bf16 tokens, D = 512) reach the kernels; what they cannot take falls back."""
-        attention, split_attention = interp.attention, interp.split_attention  # the modules, not the functions
-        q, k = torch.randn(1, 64, 512).bfloat16(), torch.randn(1, 80, 512).bfloat16()
-        assert split_attention.is_supported(q, k, k) and attention.is_supported(q[:, None], k[:, None], k[:, None])
-        assert not split_attention.is_supported(q.float(), k.float(), k.float())
-        assert not split_attention.is_supported(q[..., :96], k[..., :96], k[..., :96])  # D not a power of two
-        assert not split_attention.is_supported(q, k, k[:, :70])
-        assert not attention.is_supported(q, k, k)  # the flash kernel takes [B, 1, L, D]
-
-    def test_large_scores_stay_finite(self, interp):
-        """Inputs x30: scores of thousands, one key per row dominates; p and the sums must not overflow."""
-        torch.manual_seed(3)
-        q, k, v = ((torch.randn(2, n, 64) * 30).bfloat16() for n in (70, 300, 300))
-        v = v / 30
-        out = interp.kernels.split_attention(q, k, v)
-        assert out.isfinite().all() and rel_err(out, attention64(q, k, v)) < 1e-2
-
-    @pytest.mark.parametrize("merge_tiles", [64, 2])
-    def test_tile_maxima_far_apart(self, interp, monkeypatch, merge_tiles):
-        """Rows whose key tiles' maxima differ by > 100 in log2 units, the winning tile first or last (ragged):
-        the losing tiles' rescale underflows to 0. merge_tiles=2 merges the 3 tiles' stats in two steps."""
-        monkeypatch.setattr(interp.split_attention, "MERGE_TILES", merge_tiles)
-        torch.manual_seed(4)
-        D, Lq, L = 64, 40, 300  # key tiles [0, 128), [128, 256), [256, 300) at block_n = 128
-        q, k = torch.randn(2, Lq, D), torch.randn(2, L, D)
-        q[:, :, 0] = 32 * torch.tensor([1.0, -1.0]).repeat(Lq // 2)  # even rows favour tile 0, odd rows tile 2
-        k[:, :, 0] = 32 * torch.cat([torch.ones(128), torch.zeros(128), -torch.ones(L - 256)])
-        q, k, v = q.bfloat16(), k.bfloat16(), (torch.randn(2, L, D) * 3 + 2).bfloat16()
-        s = (q.double() @ k.double().transpose(1, 2)) * (LOG2E / D**0.5)  # [B, Lq, L], log2 units
-        tile_max = torch.stack([s[..., a : a + 128].amax(-1) for a in (0, 128, 256)], -1)  # [B, Lq, 3]
-        gap = tile_max.amax(-1) - tile_max.median(-1).values  # the winner over the runner-up
-        assert gap.min() > 100
-        out = interp.kernels.split_attention(q, k, v)
-        assert out.isfinite().all() and rel_err(out, attention64(q, k, v)) < 1e-2
-
-    def test_query_blocks_give_the_same_result(self, interp):
-        """A byte budget of one 64-row tile: 150 queries in 3 blocks (the last 22 rows), bit-identical output."""
-        torch.manual_seed(6)
-        q = (torch.randn(2, 150, 128) * 2 + 0.5).bfloat16()
-        k = (torch.randn(2, 200, 128) + 0.3).bfloat16()
-        v = (torch.randn(2, 200, 128) * 3 + 2).bfloat16()
-        small = dict(scores_config="m64n64k64w4s2", pv_config="m64n64k64w4s2", key_splits=2)
-        whole = interp.kernels.split_attention(q, k, v, **small)
-        blocks = interp.kernels.split_attention(q, k, v, p_bytes=64 * 256 * 2, **small)  # 64 rows x 256 padded keys
-        assert torch.equal(blocks, whole)
-        assert rel_err(blocks, attention64(q, k, v)) < 1e-2
-
-    @pytest.mark.parametrize("key_splits", [1, 2])
-    def test_engine_layout_and_out_buffer(self, interp, key_splits):
-        """q/k/v as linear_1x1 gives them (contiguous [B, L, C]) and as token-major views of NCHW maps; out= a
-        strided view, fully written, returned; both paths of the epilogue (direct, summed key splits)."""
-        torch.manual_seed(7)
-        C, H, W = 128, 6, 11
-        maps = [(torch.randn(2, C, H, W) * 2 + 1).half() for _ in range(3)]
-        q, k, v = (m.flatten(2).transpose(1, 2) for m in maps)  # [2, 66, 128] views, stride 1 along L
-        out = torch.full((2, C, H * W), float("nan"), dtype=torch.float16).transpose(1, 2)  # [2, 66, 128] view
-        got = interp.kernels.split_attention(q, k, v, out=out, key_splits=key_splits)
-        assert got is out and not out.isnan().any()
-        assert rel_err(out, attention64(q, k, v)) < 1e-3
-        tokens = [t.contiguous() for t in (q, k, v)]  # the engine's layout
-        torch.testing.assert_close(interp.kernels.split_attention(*tokens, key_splits=key_splits), out, rtol=0, atol=0)
-
-
 class TestFallbacks:
     """Without Triton or off the interpreter, CPU tensors take the torch code."""
 
@@ -441,19 +173,6 @@ class TestFallbacks:
     def plain_cpu(self, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         assert not kernels.is_available("cpu")
-
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("form", ["split", "gemm in query blocks", "flash"])
-    def test_attention_forms_match_fp64(self, form, dtype):
-        """split -> gemm_attention (torch softmax), here in blocks of 8 query rows; flash -> SDPA."""
-        torch.manual_seed(21)
-        q, k, v = ((torch.randn(2, n, 512) * 2 + 1).to(dtype) for n in (30, 50, 50))
-        if form == "gemm in query blocks":
-            out = kernels.gemm_attention(q, k, v, score_bytes=4 * 50 * 8)
-        else:
-            out = (kernels.split_attention if form == "split" else kernels.attention)(q, k, v)
-        assert out.dtype == dtype and out.shape == q.shape
-        assert rel_err(out, attention64(q, k, v)) < ATTN_TOL[dtype]
 
     @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -477,20 +196,6 @@ class TestFallbacks:
             kernels.group_stats(x, 5)
         with pytest.raises(ValueError, match="divisible by groups"):
             kernels.group_norm_apply(x, torch.zeros(1, 5), torch.ones(1, 5), None, None, 5)
-
-
-class TestKeySplits:
-    """How the split attention's PV launch cuts the keys to fill the GPU (pure arithmetic)."""
-
-    def test_fills_the_sms(self):
-        assert pick_key_splits(64, 2048, 132) == 2  # 4096 queries x 262144 keys: 128 programs, one wave
-        assert pick_key_splits(128, 2048, 132) == 1  # 8192 queries fill 132 SMs alone
-        assert pick_key_splits(2, 3, 132) == 3  # a tiny launch: one key tile a program
-
-    def test_never_more_splits_than_key_tiles(self):
-        for programs in (1, 7, 64, 200):
-            for tiles in (1, 2, 5, 33):
-                assert 1 <= pick_key_splits(programs, tiles, 132) <= tiles
 
 
 @needs_triton
@@ -573,115 +278,3 @@ class TestInterleaveKernel:
         out = interp.kernels.interleave_phases(z, bias)
         assert interp.kernels.is_nhwc(out) == (layout == "nhwc") and not out.isnan().any()
         assert_rounded_from(out, interleave64(z, bias))
-
-
-def conv64(conv, x, padding=0):
-    return F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=padding)
-
-
-def resnet64(block, x):
-    """The resnet block in float64."""
-    h = conv64(block.conv1, norm64(block.norm1, x, silu=True), padding=1)
-    h = conv64(block.conv2, norm64(block.norm2, h, silu=True), padding=1)
-    return (conv64(block.nin_shortcut, x) if hasattr(block, "nin_shortcut") else x.double()) + h
-
-
-def linear64(conv, t):
-    """A 1x1 conv applied to tokens [B, L, C] in float64."""
-    return t.double() @ conv.weight.double().flatten(1).T + conv.bias.double()
-
-
-def mid_attention64(attn, x):
-    """The mid-block attention in float64: x + proj_out(softmax(q k^T / sqrt(C)) v) over the H*W tokens."""
-    B, C, H, W = x.shape
-    t = norm64(attn.norm, x).flatten(2).transpose(1, 2)  # [B, L, C]
-    o = linear64(attn.proj_out, attention64(linear64(attn.q, t), linear64(attn.k, t), linear64(attn.v, t)))
-    return x.double() + o.transpose(1, 2).reshape(B, C, H, W)
-
-
-def one_rank(interp, H):
-    return interp.sharded.Shard(0, 1, None, [(0, H)])
-
-
-class Launches:
-    """Stands in for a @triton.jit kernel: counts its launches and runs it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
-def count_launches(monkeypatch, *modules):
-    """{name: Launches} for every `_*_kernel` of the modules, each put in its kernel's place."""
-    launches = {}
-    for module in modules:
-        for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
-            launches[name] = Launches(getattr(module, name))
-            monkeypatch.setattr(module, name, launches[name])
-    return launches
-
-
-# Which Triton kernels each attention form launches: bf16 goes to the half-precision kernels; fp32 never does
-# (on a GPU they would round it: P stored in bf16, tl.dot in TF32), only to the row softmax with P in fp32.
-LAUNCHED = {
-    ("split", torch.bfloat16): {"_scores_kernel", "_merge_stats_kernel", "_pv_kernel"},
-    ("gemm", torch.bfloat16): {"_softmax_rows_kernel"},
-    ("flash", torch.bfloat16): {"_attention_kernel"},
-    ("split", torch.float32): {"_softmax_rows_kernel"},  # split -> gemm_attention
-    ("gemm", torch.float32): {"_softmax_rows_kernel"},
-    ("flash", torch.float32): set(),  # SDPA
-}
-
-
-@needs_triton
-class TestEngineDispatch:
-    """sharded.py's calls into the kernels, interpreted, against float64: fp32 stays fp32 on every path (a GPU
-    pool's fp32 jobs), bf16 reaches the half-precision kernels."""
-
-    @pytest.mark.parametrize("form", ["split", "gemm", "flash"])
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_mid_block_attention(self, interp, monkeypatch, form, dtype):
-        monkeypatch.setenv(interp.sharded.ATTENTION_SWITCH, form)
-        launches = count_launches(monkeypatch, interp.split_attention, interp.attention, interp.gemm_attention)
-        torch.manual_seed(41)
-        C, H, W = 128, 5, 13  # 65 tokens: ragged row and key tiles
-        attn = AttnBlock(C).to(dtype)
-        x = (torch.randn(1, C, H, W) * 0.02 + 0.01).to(dtype)  # small: the attention branch dominates the output
-        with torch.no_grad():
-            out = interp.sharded.attention(attn, x, one_rank(interp, H))
-        assert out.dtype == dtype
-        assert {n for n, launch in launches.items() if launch.count} == LAUNCHED[form, dtype]
-        # bf16: five roundings in a row (normalised h; q, k, v; P; the attention output; proj_out), ~1.1e-3 rms each
-        # and doubled by the interpreter's truncation in the kernels: 5e-3 to 7e-3 measured, bound 2e-2.
-        assert rel_err(out, mid_attention64(attn, x)) < (1e-5 if dtype == torch.float32 else 2e-2)
-
-    @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-    def test_fp32_resnet_block(self, interp, layout):
-        """GroupNorm kernels with conv1's bias folded into norm2, the residual kernel with conv2's and the shortcut's
-        bias; 64 -> 96 channels (NHWC tiles padded to 128, 3 channels a group)."""
-        torch.manual_seed(43)
-        block = ResnetBlock(64, 96)
-        for norm in (block.norm1, block.norm2):
-            torch.nn.init.normal_(norm.weight, 1.0), torch.nn.init.normal_(norm.bias)
-        x = torch.randn(1, 64, 7, 9) * 3 + 2
-        x = channels_last(x) if layout == "nhwc" else x
-        with torch.no_grad():
-            out = interp.sharded.resnet(block, x, one_rank(interp, 7))
-        assert out.dtype == torch.float32 and interp.kernels.is_nhwc(out) == (layout == "nhwc")
-        assert rel_err(out, resnet64(block, x)) < 1e-5
-
-    @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-    def test_fp32_upsample(self, interp, layout):
-        """The folded sub-pixel weights (summed in fp32) and the interleave kernel (+ bias in fp32)."""
-        torch.manual_seed(47)
-        conv = torch.nn.Conv2d(48, 24, 3, padding=1)
-        torch.nn.init.normal_(conv.bias)
-        x = torch.randn(1, 48, 5, 6) + 0.5
-        x = channels_last(x) if layout == "nhwc" else x
-        with torch.no_grad():
-            out = interp.sharded.upsample_conv(conv, x, one_rank(interp, 5))
-        assert out.dtype == torch.float32 and interp.kernels.is_nhwc(out) == (layout == "nhwc")
-        assert rel_err(out, conv64(conv, F.interpolate(x.double(), scale_factor=2.0), padding=1)) < 1e-5
