@@ -144,7 +144,10 @@ def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
     v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L, C]
     # At D = 512 on an H100 the split form (two Triton GEMMs, bf16 probabilities stored once) ran 1.77x the GEMM
     # form (cuBLAS around an fp32 score matrix), which ran 1.5x the flash kernel (bench/attention_forms.py).
-    form = ATTENTION_FORMS[os.environ.get(ATTENTION_SWITCH, "split")] if q.is_cuda else kernels.attention
+    # The form is picked wherever the kernels run (so the interpreted tests walk the GPUs' path); elsewhere SDPA.
+    # Every form sends only bf16/fp16 into its half-precision kernels: fp32 stays fp32, probabilities included.
+    switch = os.environ.get(ATTENTION_SWITCH, "split")
+    form = ATTENTION_FORMS[switch] if kernels.is_available(q.device) else kernels.attention
     h = form(q, k, v)  # [B, H*W, C]
     return x + from_tokens(linear_1x1(attn.proj_out, h), H, W)
 

@@ -33,7 +33,8 @@ def is_nhwc(x: torch.Tensor) -> bool:
 
 def takes_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """What every attention kernel asks of q, k, v: a device they run on, one half dtype, one device, k and v
-    alike, one batch, one head dim; each kernel adds its own layout and size conditions."""
+    alike, one batch, one head dim; each kernel adds its own layout and size conditions. Never fp32: on a GPU
+    their tl.dot would take fp32 operands as TF32 (10-bit mantissa), and an fp32 job must stay fp32."""
     return (
         is_available(q.device)
         and q.dtype in (torch.bfloat16, torch.float16)
