@@ -216,7 +216,11 @@ def check_inputs(args) -> torch.Tensor | None:
 
 
 def run_bagel(args) -> int:
-    """Run one `bagel` subcommand; returns the exit code (0, 2 for bad input, 130 for Ctrl-C)."""
+    """Run one `bagel` subcommand; returns the exit code (0, 2 for bad input, 130 for Ctrl-C).
+
+    Ctrl-C raises KeyboardInterrupt at the next Python line, between two torch ops of a step, so the engine gets
+    no interrupt callback here (the nodes need one: ComfyUI's Cancel is a flag).
+    """
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT came in ignored
     try:
         runner_class = runner_for(args.devices)
