@@ -1,4 +1,5 @@
-"""`python -m bagel_vae_pp bench`: time the single-process VAE against the worker pool, and check exactness.
+"""`python -m bagel_vae_pp bench`: time the single-process VAE against the worker pool, and check exactness;
+`python -m bagel_vae_pp bagel ...`: BAGEL without ComfyUI (bagel/cli.py).
 
 With no `--vae` the model is a seeded random-weight FLUX-architecture autoencoder (full size), so the
 bench runs anywhere. Errors are max |x - ref| (abs) and that divided by max |ref| (rel), against the
@@ -17,6 +18,7 @@ import time
 import torch
 
 from .autoencoder import autoencoder_from_state_dict, random_autoencoder
+from .bagel.cli import add_bagel_parser, run_bagel
 from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,7 +157,10 @@ def main(argv=None) -> int:
     b.add_argument("--timeout-s", type=float, default=120.0)
     b.add_argument("--vae", default=None, help="a VAE .safetensors file (default: random FLUX-architecture VAE)")
     b.add_argument("--json", action="store_true", help="one JSON object per line per case")
+    add_bagel_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bagel":
+        return run_bagel(args)
     args.size = args.size or (1024 if args.device == "cuda" else 256)
     if args.size % 8:
         parser.error(f"--size must be a multiple of 8, got {args.size}")

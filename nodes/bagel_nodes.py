@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..bagel_vae_pp.bagel.loader import DTYPES, LoadedBagel, list_bagel_folders, load_bagel, resolve_folder
-from ..bagel_vae_pp.bagel.pipeline import autoencoder_moments, edit_image, text_to_image, understand_image
-from ..bagel_vae_pp.bagel.sampler import RENORM_TYPES, GuidanceOptions
+from ..bagel_vae_pp.bagel.pipeline import (
+    DEFAULT_IMAGE_SIDE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_THINK_TOKENS,
+    autoencoder_moments,
+    edit_image,
+    text_to_image,
+    understand_image,
+)
+from ..bagel_vae_pp.bagel.sampler import DEFAULT_GUIDANCE, RENORM_TYPES, GuidanceOptions
 from . import host
 
 CATEGORY = "bagel-vae-pp/BAGEL"
@@ -36,7 +44,7 @@ THINK_INPUT = (
 THINK_TOKENS_INPUT = (
     "INT",
     {
-        "default": 1000,
+        "default": DEFAULT_MAX_THINK_TOKENS,
         "min": 1,
         "max": 4096,
         "step": 1,
@@ -57,13 +65,13 @@ class ManagedBagel:
         return self.loaded
 
 
-def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: str) -> dict:
+def guidance_inputs(defaults: GuidanceOptions) -> dict:
     """The sampler inputs shared by Text to Image and Image Edit, with each node's official defaults."""
     return {
         "steps": (
             "INT",
             {
-                "default": 50,
+                "default": defaults.num_timesteps,
                 "min": 2,
                 "max": 500,
                 "step": 1,
@@ -74,7 +82,7 @@ def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: st
         "cfg_text_scale": (
             "FLOAT",
             {
-                "default": 4.0,
+                "default": defaults.cfg_text_scale,
                 "min": 0.0,
                 "max": 20.0,
                 "step": 0.1,
@@ -86,7 +94,7 @@ def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: st
         "cfg_img_scale": (
             "FLOAT",
             {
-                "default": cfg_img_scale,
+                "default": defaults.cfg_img_scale,
                 "min": 0.0,
                 "max": 20.0,
                 "step": 0.1,
@@ -98,7 +106,7 @@ def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: st
         "cfg_interval_start": (
             "FLOAT",
             {
-                "default": interval_start,
+                "default": defaults.cfg_interval[0],
                 "min": 0.0,
                 "max": 1.0,
                 "step": 0.01,
@@ -107,12 +115,18 @@ def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: st
         ),
         "cfg_interval_end": (
             "FLOAT",
-            {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Upper end of the guidance interval."},
+            {
+                "default": defaults.cfg_interval[1],
+                "min": 0.0,
+                "max": 1.0,
+                "step": 0.01,
+                "tooltip": "Upper end of the guidance interval.",
+            },
         ),
         "timestep_shift": (
             "FLOAT",
             {
-                "default": 3.0,
+                "default": defaults.timestep_shift,
                 "min": 0.1,
                 "max": 20.0,
                 "step": 0.1,
@@ -122,7 +136,7 @@ def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: st
         "cfg_renorm_type": (
             list(RENORM_TYPES),
             {
-                "default": renorm_type,
+                "default": defaults.cfg_renorm_type,
                 "tooltip": "Rescale the guided velocity "
                 "to at most the conditional norm: global (whole image), channel "
                 "(per token), text_channel (per token, text guidance only). "
@@ -132,7 +146,7 @@ def guidance_inputs(cfg_img_scale: float, interval_start: float, renorm_type: st
         "cfg_renorm_min": (
             "FLOAT",
             {
-                "default": 0.0,
+                "default": defaults.cfg_renorm_min,
                 "min": 0.0,
                 "max": 1.0,
                 "step": 0.01,
@@ -194,13 +208,13 @@ class BagelTextToImage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"min": 16, "max": 1024, "step": 16}
+        size = {"default": DEFAULT_IMAGE_SIDE, "min": 16, "max": 1024, "step": 16}
         return {"required": {
             "bagel_model": MODEL_INPUT, "prompt": PROMPT_INPUT, "seed": SEED_INPUT,
-            "width": ("INT", {"default": 1024, **size, "tooltip": "Multiple of 16, up to 1024 (BAGEL was tuned "
+            "width": ("INT", {**size, "tooltip": "Multiple of 16, up to 1024 (BAGEL was tuned "
                       "at a long side of 1024; smaller images come out blurry)."}),
-            "height": ("INT", {"default": 1024, **size, "tooltip": "Multiple of 16, up to 1024."}),
-            **guidance_inputs(cfg_img_scale=1.5, interval_start=0.4, renorm_type="global"),
+            "height": ("INT", {**size, "tooltip": "Multiple of 16, up to 1024."}),
+            **guidance_inputs(DEFAULT_GUIDANCE["text_to_image"]),
         }}  # fmt: skip
 
     @classmethod
@@ -238,7 +252,7 @@ class BagelImageEdit:
             "required": {"bagel_model": MODEL_INPUT,
                          "image": ("IMAGE", {"tooltip": "The image to edit (one image)."}),
                          "prompt": PROMPT_INPUT, "seed": SEED_INPUT,
-                         **guidance_inputs(cfg_img_scale=2.0, interval_start=0.0, renorm_type="text_channel")},
+                         **guidance_inputs(DEFAULT_GUIDANCE["edit"])},
             "optional": {"pool": ("VAE_POOL", {"tooltip": "Encode the conditioning image with these VAE workers "
                                   "(posterior mean). Unconnected: the local VAE samples the posterior, as the "
                                   "official app does."})},
@@ -269,7 +283,7 @@ class BagelImageUnderstanding:
             "bagel_model": MODEL_INPUT,
             "image": ("IMAGE", {"tooltip": "The image to look at (one image)."}),
             "prompt": PROMPT_INPUT,
-            "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 8192, "step": 1,
+            "max_new_tokens": ("INT", {"default": DEFAULT_MAX_NEW_TOKENS, "min": 1, "max": 8192, "step": 1,
                                        "tooltip": "At most this many answer tokens."}),
             "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
                                       "tooltip": "0: greedy (official default). Above 0: sample; 0.3 is the "

@@ -46,6 +46,11 @@ GEN_THINK_SYSTEM_PROMPT = (
     "image here"
 )
 
+# Defaults of the BAGEL nodes and of `python -m bagel_vae_pp bagel` (the official app's), besides DEFAULT_GUIDANCE.
+DEFAULT_IMAGE_SIDE = 1024  # text to image width and height: the released checkpoint's largest
+DEFAULT_MAX_THINK_TOKENS = 1000
+DEFAULT_MAX_NEW_TOKENS = 512  # understanding
+
 Progress = Callable[[int, int], None] | None
 Interrupt = Callable[[], None] | None
 # (contexts, wrapped noisy block [N+2, D]) -> one velocity [N, 64] per context; swap in for CFG-parallel runs.
@@ -215,7 +220,7 @@ def text_to_image(
     seed: int,
     options: GuidanceOptions,
     think: bool = False,
-    max_think_tokens: int = 1000,
+    max_think_tokens: int = DEFAULT_MAX_THINK_TOKENS,
     progress: Progress = None,
     interrupt: Interrupt = None,
     passes: VelocityPasses | None = None,
@@ -286,7 +291,7 @@ def edit_image(
     seed: int,
     options: GuidanceOptions,
     think: bool = False,
-    max_think_tokens: int = 1000,
+    max_think_tokens: int = DEFAULT_MAX_THINK_TOKENS,
     progress: Progress = None,
     interrupt: Interrupt = None,
 ) -> tuple[Tensor, str]:

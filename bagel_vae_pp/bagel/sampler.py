@@ -54,6 +54,13 @@ def check_renorm_type(name: str) -> None:
         )
 
 
+# The official app's settings per task: the defaults of the BAGEL nodes and of `python -m bagel_vae_pp bagel`.
+DEFAULT_GUIDANCE = {
+    "text_to_image": GuidanceOptions(50, 3.0, 4.0, 1.5, (0.4, 1.0), "global", 0.0),
+    "edit": GuidanceOptions(50, 3.0, 4.0, 2.0, (0.0, 1.0), "text_channel", 0.0),
+}
+
+
 def build_schedule(num_timesteps: int, shift: float) -> list[float]:
     """Shifted timesteps from 1 to 0, [num_timesteps] (fp32 values, as the official sampler computes them)."""
     t = torch.linspace(1, 0, num_timesteps)
