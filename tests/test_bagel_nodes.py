@@ -147,6 +147,14 @@ class TestDeclarations:
         assert validate(width=64, height=2048).startswith("height is 2048")
         assert validate(width=1024, height=16) is True
 
+    def test_text_to_image_defaults_are_the_official_app_defaults(self, nodes):
+        """Written out from the official app (not read from the engine's shared table): a drift fails here."""
+        req = nodes.BagelTextToImage.INPUT_TYPES()["required"]
+        want = {"steps": 50, "timestep_shift": 3.0, "cfg_text_scale": 4.0, "cfg_img_scale": 1.5,
+                "cfg_interval_start": 0.4, "cfg_renorm_type": "global", "cfg_renorm_min": 0.0,
+                "width": 1024, "height": 1024}  # fmt: skip
+        assert {name: req[name][1]["default"] for name in want} == want
+
     def test_edit_defaults_are_the_official_edit_defaults(self, nodes):
         req = nodes.BagelImageEdit.INPUT_TYPES()["required"]
         assert req["cfg_img_scale"][1]["default"] == 2.0 and req["cfg_interval_start"][1]["default"] == 0.0
