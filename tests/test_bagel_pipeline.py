@@ -7,11 +7,11 @@ import torch
 
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.pipeline import (
+    InProcess,
     autoencoder_moments,
     build_contexts,
     edit_image,
     guided_velocity,
-    sequential_passes,
     text_to_image,
     understand_image,
 )
@@ -69,10 +69,10 @@ class TestTextToImage:
         ctxs = build_contexts(model, tok, ["the cat"], None)
         assert ctxs.cfg_img is ctxs.gen
         copied = dataclasses.replace(ctxs, cfg_img=dataclasses.replace(ctxs.gen))  # equal, not identical
-        block = model.wrap_image(model.latent_tokens(torch.randn(4, 64), 0.9, torch.arange(4)), tok.special)
-        passes = sequential_passes(model)
-        shared = guided_velocity(passes, ctxs, block, 4.0, 1.5, T2I)
-        separate = guided_velocity(passes, copied, block, 4.0, 1.5, T2I)
+        ops = InProcess(model, tok.special)
+        x_t = torch.randn(4, 64)
+        shared = guided_velocity(ops, ctxs, x_t, 0.9, torch.arange(4), 4.0, 1.5, T2I)
+        separate = guided_velocity(ops, copied, x_t, 0.9, torch.arange(4), 4.0, 1.5, T2I)
         assert torch.equal(shared, separate)
 
     def test_thinking_text_is_returned_and_conditions_the_image(self, bagel):

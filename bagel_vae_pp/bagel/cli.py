@@ -76,7 +76,7 @@ class InProcessRunner:
 
     def check_size(self, width: int, height: int) -> None:
         try:
-            check_image_size(width, height, self.loaded.model)
+            check_image_size(width, height, self.loaded.model.params)
         except ValueError as e:
             raise UsageError(f"--{e}") from e  # the message starts with "width" or "height"
 

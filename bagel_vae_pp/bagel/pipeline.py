@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .config import BOS_TOKEN, EOS_TOKEN
+from .config import BOS_TOKEN, EOS_TOKEN, BagelParams
 from .images import (
     latent_grid,
     pil_to_unit,
@@ -31,7 +31,7 @@ from .images import (
 )
 from .model import EMPTY_CONTEXT, Bagel, Context
 from .sampler import GuidanceOptions, build_schedule, combine_cfg, euler_sample, is_guided
-from .tokenizer import BagelTokenizer
+from .tokenizer import BagelTokenizer, SpecialTokens
 from .vit import flat_position_ids, patchify
 
 # System prompts of the official inferencer's "think" mode (text, trailing spaces included).
@@ -76,41 +76,79 @@ def sequential_passes(model: Bagel) -> VelocityPasses:
     return lambda contexts, block: [model.velocity(ctx, block) for ctx in contexts]
 
 
-def add_image(model: Bagel, tokenizer: BagelTokenizer, ctx: Context, image: ImageInput) -> Context:
-    """VAE block (generation expert, t=0) if present, then the ViT block (understanding expert)."""
-    special = tokenizer.special
-    if image.vae_tokens is not None:
-        latent = model.latent_tokens(image.vae_tokens, 0.0, image.vae_position_ids)  # [Nvae, D]
-        ctx = model.prefill_image_block(ctx, model.wrap_image(latent, special), is_latent=True)
-    vit = model.vit_tokens(image.vit_patches, image.vit_position_ids)  # [Nvit, D]
-    return model.prefill_image_block(ctx, model.wrap_image(vit, special), is_latent=False)
+class InProcess:
+    """The model operations the pipeline asks for, on a Bagel in this process. The pool's workers run the same
+    class on their model; the host then talks to them through bagel_job.PoolBagel, which has these methods too.
+    Every tensor that crosses is small: token ids, image patches, [N, 64] latents and velocities, logits."""
+
+    empty_context = EMPTY_CONTEXT
+
+    def __init__(self, model: Bagel, special: SpecialTokens, passes: VelocityPasses | None = None):
+        self.model, self.special = model, special
+        self.passes = passes or sequential_passes(model)
+
+    @property
+    def params(self) -> BagelParams:
+        return self.model.params
+
+    @property
+    def device(self) -> torch.device:
+        """Where the sampler keeps its latent between steps."""
+        return self.model.device
+
+    def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
+        return self.model.prefill_text(ctx, ids)
+
+    def add_image(self, ctx: Context, image: ImageInput) -> Context:
+        """VAE block (generation expert, t=0) if present, then the ViT block (understanding expert)."""
+        model = self.model
+        if image.vae_tokens is not None:
+            latent = model.latent_tokens(image.vae_tokens, 0.0, image.vae_position_ids)  # [Nvae, D]
+            ctx = model.prefill_image_block(ctx, model.wrap_image(latent, self.special), is_latent=True)
+        vit = model.vit_tokens(image.vit_patches, image.vit_position_ids)  # [Nvit, D]
+        return model.prefill_image_block(ctx, model.wrap_image(vit, self.special), is_latent=False)
+
+    def velocities(self, contexts: list[Context], x_t: Tensor, t: float, position_ids: Tensor) -> list[Tensor]:
+        """The velocity [N, 64] of noisy latent tokens x_t [N, 64] at time t against each context."""
+        model = self.model
+        block = model.wrap_image(model.latent_tokens(x_t, t, position_ids), self.special)  # [N+2, D]
+        return self.passes(contexts, block)
+
+    def next_token_logits(self, ctx: Context, token: int) -> tuple[Tensor, Context]:
+        return self.model.next_token_logits(ctx, token)
+
+
+def model_ops(model, tokenizer: BagelTokenizer, passes: VelocityPasses | None = None):
+    """`model` itself where it already is a set of model operations (bagel_job.PoolBagel), else InProcess."""
+    return InProcess(model, tokenizer.special, passes) if isinstance(model, Bagel) else model
 
 
 def build_contexts(
-    model: Bagel, tokenizer: BagelTokenizer, inputs: list[str | ImageInput], system_prompt: str | None
+    ops, tokenizer: BagelTokenizer, inputs: list[str | ImageInput], system_prompt: str | None
 ) -> Contexts:
     """Prefill the three contexts from interleaved inputs, as InterleaveInferencer.interleave_inference.
 
     Contexts that are still equal share one object (one prefill), which `sample_latent` uses to skip a pass.
     """
-    gen = cfg_text = cfg_img = EMPTY_CONTEXT
+    ops = model_ops(ops, tokenizer)
+    gen = cfg_text = cfg_img = ops.empty_context
     if system_prompt:
-        gen = cfg_img = model.prefill_text(gen, tokenizer.text_block(system_prompt))
+        gen = cfg_img = ops.prefill_text(gen, tokenizer.text_block(system_prompt))
     for item in inputs:
         if isinstance(item, str):
             cfg_text = gen
             ids = tokenizer.text_block(item)
             shared = cfg_img is gen
-            gen = model.prefill_text(gen, ids)
-            cfg_img = gen if shared else model.prefill_text(cfg_img, ids)
+            gen = ops.prefill_text(gen, ids)
+            cfg_img = gen if shared else ops.prefill_text(cfg_img, ids)
         else:
-            gen = add_image(model, tokenizer, gen, item)
+            gen = ops.add_image(gen, item)
             cfg_text = gen
     return Contexts(gen, cfg_text, cfg_img)
 
 
 def generate_text(
-    model: Bagel,
+    ops,
     tokenizer: BagelTokenizer,
     ctx: Context,
     max_new_tokens: int,
@@ -124,11 +162,12 @@ def generate_text(
     Args:
         temperature: 0 = greedy; > 0 samples softmax(logits / temperature) with `generator`.
     """
+    ops = model_ops(ops, tokenizer)
     special, token, new_ids = tokenizer.special, tokenizer.special.bos, []
     for step in range(max_new_tokens):
         if interrupt is not None:
             interrupt()
-        logits, ctx = model.next_token_logits(ctx, token)  # [V]
+        logits, ctx = ops.next_token_logits(ctx, token)  # [V]
         if temperature > 0:
             probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
@@ -144,26 +183,28 @@ def generate_text(
 
 
 def guided_velocity(
-    passes: VelocityPasses,
+    ops,
     contexts: Contexts,
-    block: Tensor,
+    x_t: Tensor,
+    t: float,
+    position_ids: Tensor,
     text_scale: float,
     img_scale: float,
     options: GuidanceOptions,
 ) -> Tensor:
-    """Run the passes CFG needs at these scales (1 to 3) and combine them; [N, 64] fp32."""
+    """Run the passes CFG needs at these scales (1 to 3) on latent tokens x_t [N, 64] and combine them; fp32."""
     use_text = text_scale > 1.0
     use_img = use_text and img_scale > 1.0  # official: image guidance only inside text guidance
     reuse_gen = contexts.cfg_img is contexts.gen  # no images: the image-free pass equals the conditional one
     wanted = [contexts.gen] + [contexts.cfg_text] * use_text + [contexts.cfg_img] * (use_img and not reuse_gen)
-    vs = [v.float() for v in passes(wanted, block)]  # each [N, 64]
+    vs = [v.float() for v in ops.velocities(wanted, x_t, t, position_ids)]  # each [N, 64]
     v_text = vs[1] if use_text else None
     v_img = (vs[0] if reuse_gen else vs[2]) if use_img else None
     return combine_cfg(vs[0], v_text, v_img, text_scale, img_scale, options.cfg_renorm_type, options.cfg_renorm_min)
 
 
 def sample_latent(
-    model: Bagel,
+    ops,
     tokenizer: BagelTokenizer,
     contexts: Contexts,
     height: int,
@@ -172,47 +213,45 @@ def sample_latent(
     generator: torch.Generator,
     progress: Progress = None,
     interrupt: Interrupt = None,
-    passes: VelocityPasses | None = None,
 ) -> Tensor:
     """Denoise a height x width image block against the contexts; returns raw latent [1, z, H/8, W/8]."""
-    params = model.params
+    ops = model_ops(ops, tokenizer)
+    params = ops.params
     h, w = latent_grid(height, width, params)
     position_ids = flat_position_ids(h, w, params.max_latent_size)  # [N]
-    x = torch.randn(h * w, params.patch_latent_dim, generator=generator).to(model.device)  # [N, 64] fp32
-    passes = passes or sequential_passes(model)
+    x = torch.randn(h * w, params.patch_latent_dim, generator=generator).to(ops.device)  # [N, 64] fp32
 
     def velocity(x_t: Tensor, t: float) -> Tensor:
-        block = model.wrap_image(model.latent_tokens(x_t, t, position_ids), tokenizer.special)  # [N+2, D]
         guided = is_guided(t, options.cfg_interval)
         scales = (options.cfg_text_scale, options.cfg_img_scale) if guided else (1.0, 1.0)
-        return guided_velocity(passes, contexts, block, *scales, options)
+        return guided_velocity(ops, contexts, x_t, t, position_ids, *scales, options)
 
     schedule = build_schedule(options.num_timesteps, options.timestep_shift)
     tokens = euler_sample(x, schedule, velocity, progress, interrupt)  # [N, 64]
     return tokens_to_raw(tokens.float().cpu(), h, w, params)
 
 
-def check_image_size(width: int, height: int, model: Bagel) -> None:
-    stride, limit = model.params.latent_downsample, model.params.max_image_size
+def check_image_size(width: int, height: int, params: BagelParams) -> None:
+    stride, limit = params.latent_downsample, params.max_image_size
     for name, value in (("width", width), ("height", height)):
         if value % stride or not stride <= value <= limit:
             raise ValueError(
                 f"{name} is {value}; it must be a multiple of {stride} from {stride} to {limit} (this checkpoint's "
-                f"latent_pos_embed covers {model.params.max_latent_size} tokens per side)."
+                f"latent_pos_embed covers {params.max_latent_size} tokens per side)."
             )
 
 
-def think_then(model, tokenizer, contexts, think, max_think_tokens, generator, progress, interrupt):
+def think_then(ops, tokenizer, contexts, think, max_think_tokens, generator, progress, interrupt):
     """Thinking text (greedy) appended to the conditional context only, as the inferencer does for images."""
     if not think:
         return contexts, ""
-    thinking = generate_text(model, tokenizer, contexts.gen, max_think_tokens, 0.0, generator, progress, interrupt)
-    return replace(contexts, gen=model.prefill_text(contexts.gen, tokenizer.text_block(thinking))), thinking
+    thinking = generate_text(ops, tokenizer, contexts.gen, max_think_tokens, 0.0, generator, progress, interrupt)
+    return replace(contexts, gen=ops.prefill_text(contexts.gen, tokenizer.text_block(thinking))), thinking
 
 
 @torch.inference_mode()
 def text_to_image(
-    model: Bagel,
+    model,
     tokenizer: BagelTokenizer,
     prompt: str,
     width: int,
@@ -228,6 +267,7 @@ def text_to_image(
     """Generate an image latent from a prompt.
 
     Args:
+        model: a Bagel in this process, or the model operations of a worker pool (bagel_job.PoolBagel).
         width, height: multiples of 16 up to max_latent_size * 16 (1024).
         seed: seeds the CPU generator for the initial noise.
         think: let the model plan in text first (GEN_THINK_SYSTEM_PROMPT); the plan is returned.
@@ -235,15 +275,16 @@ def text_to_image(
         interrupt: called between steps; raises to cancel.
     Returns (raw VAE latent [1, z, H/8, W/8] float32 CPU, thinking text or "").
     """
-    check_image_size(width, height, model)
+    ops = model_ops(model, tokenizer, passes)
+    check_image_size(width, height, ops.params)
     generator = torch.Generator().manual_seed(seed)
-    contexts = build_contexts(model, tokenizer, [prompt], GEN_THINK_SYSTEM_PROMPT if think else None)
-    contexts, thinking = think_then(model, tokenizer, contexts, think, max_think_tokens, generator, progress, interrupt)
-    latent = sample_latent(model, tokenizer, contexts, height, width, options, generator, progress, interrupt, passes)
+    contexts = build_contexts(ops, tokenizer, [prompt], GEN_THINK_SYSTEM_PROMPT if think else None)
+    contexts, thinking = think_then(ops, tokenizer, contexts, think, max_think_tokens, generator, progress, interrupt)
+    latent = sample_latent(ops, tokenizer, contexts, height, width, options, generator, progress, interrupt)
     return latent, thinking
 
 
-def posterior_tokens(moments: Tensor, z: int, generator: torch.Generator, model: Bagel) -> Tensor:
+def posterior_tokens(moments: Tensor, z: int, generator: torch.Generator, params: BagelParams) -> Tensor:
     """Raw posterior [1, 2z or z, h, w] -> BAGEL tokens; draws eps first either way (official RNG order).
 
     With mean and log-variance the posterior is sampled like the official DiagonalGaussian; with a mean
@@ -253,12 +294,11 @@ def posterior_tokens(moments: Tensor, z: int, generator: torch.Generator, model:
     eps = torch.randn(mean.shape, generator=generator)
     if moments.shape[1] == 2 * z:
         mean = mean + torch.exp(0.5 * moments[:, z:].float().cpu()) * eps
-    return raw_to_tokens(mean[0], model.params)
+    return raw_to_tokens(mean[0], params)
 
 
-def prepare_image(model: Bagel, image: Tensor) -> tuple:
+def prepare_image(params: BagelParams, image: Tensor) -> tuple:
     """ComfyUI image [H, W, 3] -> (VAE-resized PIL image, ViT patches, ViT position ids)."""
-    params = model.params
     pil = resize_pil(to_pil(image), vae_resize_spec(params))
     vit_pixels = unit_to_signed(pil_to_unit(resize_pil(pil, vit_resize_spec(params))))  # [3, H', W']
     p = params.vit.patch_size
@@ -283,7 +323,7 @@ def autoencoder_moments(vae) -> Callable[[Tensor], Tensor]:
 
 @torch.inference_mode()
 def edit_image(
-    model: Bagel,
+    model,
     tokenizer: BagelTokenizer,
     image: Tensor,
     prompt: str,
@@ -304,24 +344,25 @@ def edit_image(
         seed: seeds the CPU generator for the posterior noise, then the initial noise.
     Returns (raw VAE latent [1, z, H/8, W/8] float32 CPU, thinking text or "").
     """
-    params = model.params
+    ops = model_ops(model, tokenizer)
+    params = ops.params
     generator = torch.Generator().manual_seed(seed)
-    pil, vit_patches, vit_ids = prepare_image(model, image)
+    pil, vit_patches, vit_ids = prepare_image(params, image)
     width, height = pil.size
     h, w = latent_grid(height, width, params)
     moments = encode_image(pil_to_unit(pil)[None])  # [1, 2z or z, 2h, 2w]
-    vae_tokens = posterior_tokens(moments, params.vae_z_channels, generator, model)  # [h*w, 64]
+    vae_tokens = posterior_tokens(moments, params.vae_z_channels, generator, params)  # [h*w, 64]
     vae_ids = flat_position_ids(h, w, params.max_latent_size)
     item = ImageInput(vit_patches, vit_ids, vae_tokens, vae_ids)
-    contexts = build_contexts(model, tokenizer, [item, prompt], GEN_THINK_SYSTEM_PROMPT if think else None)
-    contexts, thinking = think_then(model, tokenizer, contexts, think, max_think_tokens, generator, progress, interrupt)
-    latent = sample_latent(model, tokenizer, contexts, height, width, options, generator, progress, interrupt)
+    contexts = build_contexts(ops, tokenizer, [item, prompt], GEN_THINK_SYSTEM_PROMPT if think else None)
+    contexts, thinking = think_then(ops, tokenizer, contexts, think, max_think_tokens, generator, progress, interrupt)
+    latent = sample_latent(ops, tokenizer, contexts, height, width, options, generator, progress, interrupt)
     return latent, thinking
 
 
 @torch.inference_mode()
 def understand_image(
-    model: Bagel,
+    model,
     tokenizer: BagelTokenizer,
     image: Tensor,
     prompt: str,
@@ -340,8 +381,9 @@ def understand_image(
         temperature: 0 = greedy; > 0 samples with a generator seeded by `seed`.
         think: reason first inside <think> </think> (VLM_THINK_SYSTEM_PROMPT); the reasoning is in the answer.
     """
-    _, vit_patches, vit_ids = prepare_image(model, image)
+    ops = model_ops(model, tokenizer)
+    _, vit_patches, vit_ids = prepare_image(ops.params, image)
     system = VLM_THINK_SYSTEM_PROMPT if think else None
-    contexts = build_contexts(model, tokenizer, [ImageInput(vit_patches, vit_ids), prompt], system)
+    contexts = build_contexts(ops, tokenizer, [ImageInput(vit_patches, vit_ids), prompt], system)
     generator = torch.Generator().manual_seed(seed)
-    return generate_text(model, tokenizer, contexts.gen, max_new_tokens, temperature, generator, progress, interrupt)
+    return generate_text(ops, tokenizer, contexts.gen, max_new_tokens, temperature, generator, progress, interrupt)
