@@ -126,8 +126,8 @@ def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn
     """acc += each expert's Linear of its rows of x, in place (the residual rides in the GEMM's C operand).
 
     With `reduce` (tensor parallel, see tp.py) each rank's product is a partial sum over its slice of the inputs:
-    the partials are summed over the ranks first, then added to the (replicated) residual once. Linears split
-    by input columns have no bias in BAGEL (o_proj, down_proj), so no bias is counted once per rank.
+    the partials are summed over the ranks first, then added to the (replicated) residual once. The Linears split
+    by input columns (o_proj, down_proj) have no bias in BAGEL, which every rank would otherwise add.
     """
     if reduce is not None:
         acc += reduce(_project(x, rows, und, gen))
