@@ -12,6 +12,8 @@ aligned bottom-right (flash-attn varlen semantics); SDPA's own `is_causal` would
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,6 +22,8 @@ from .config import LLMConfig
 
 # One layer's cached keys and values, [Lk, Hkv, Dh] each.
 LayerKV = tuple[Tensor, Tensor]
+# Sums a [L, D] partial result over the ranks of a tensor-parallel group (tp.all_reduce_sum); None on one rank.
+Reduce = Callable[[Tensor], Tensor] | None
 
 
 class RMSNorm(nn.Module):
@@ -118,12 +122,32 @@ def _project(x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
     return out
 
 
-def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> None:
-    """acc += each expert's Linear of its rows of x, in place (the residual rides in the GEMM's C operand)."""
+def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear, reduce: Reduce) -> None:
+    """acc += each expert's Linear of its rows of x, in place (the residual rides in the GEMM's C operand).
+
+    With `reduce` (tensor parallel, see tp.py) each rank's product is a partial sum over its slice of the inputs:
+    the partials are summed over the ranks first, then added to the (replicated) residual once. The Linears split
+    by input columns (o_proj, down_proj) have no bias in BAGEL, which every rank would otherwise add.
+    """
+    if reduce is not None:
+        acc += reduce(_project(x, rows, und, gen))
+        return
     for r, lin in rows.parts(und, gen):
         acc[r].addmm_(x[r], lin.weight.t())
         if lin.bias is not None:
             acc[r].add_(lin.bias)
+
+
+def _add_mlp(x: Tensor, h: Tensor, rows: _Rows, und: MLP, gen: MLP, reduce: Reduce) -> None:
+    """x += each expert's MLP of its rows of h, in place; with `reduce`, as _add_projection (down_proj has no bias)."""
+    if reduce is None:
+        for r, mlp in rows.parts(und, gen):
+            x[r].addmm_(_swiglu(mlp, h[r]), mlp.down_proj.weight.t())  # the residual in the GEMM's C operand
+        return
+    out = torch.empty_like(x)  # [L, D] this rank's partial sums, both experts' rows
+    for r, mlp in rows.parts(und, gen):
+        torch.mm(_swiglu(mlp, h[r]), mlp.down_proj.weight.t(), out=out[r])
+    x += reduce(out)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -134,6 +158,18 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
     freqs = positions.float()[:, None] * inv_freq[None]  # [L, Dh/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [L, 1, Dh]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def repeat_kv(t: Tensor, groups: tuple[int, ...]) -> Tensor:
+    """[Hkv, Lk, Dh] -> [H, Lk, Dh]: KV head j repeated for the next groups[j] query heads.
+
+    Equal groups (one rank: H // Hkv each) are one repeat_interleave. A tensor-parallel rank whose block of
+    query heads straddles two GQA groups has unequal ones (28 heads, 4 KV heads, rank 1 of 3: heads 10..18 read
+    KV head 1 four times, then KV head 2 five times); the expanded views are copied once by the cat.
+    """
+    if len(set(groups)) == 1:
+        return t.repeat_interleave(groups[0], dim=0)
+    return torch.cat([t[j : j + 1].expand(n, -1, -1) for j, n in enumerate(groups)])
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -157,6 +193,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.kv_groups = (self.n_heads // self.n_kv,) * self.n_kv  # query heads per KV head (tp.py: this rank's)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for suffix in ("", "_moe_gen"):
             setattr(self, "q_proj" + suffix, nn.Linear(cfg.hidden_size, q_dim, bias=True))
@@ -190,13 +227,13 @@ class Attention(nn.Module):
         mask = attention_mask(L, k.shape[0], causal, x.device)
         if mask is not None:
             mask = rows.pack(mask)  # query rows in expert order
-        # GQA (head h reads KV head h // rep). Unmasked half-precision calls (every velocity pass) pass the Hkv
-        # heads with enable_gqa: the flash/cuDNN kernels take it (bit-identical output, and no [H, Lk, Dh] K/V
-        # copies: 2.5 ms of a 1024² pass on an H200). Masked or fp32 calls repeat the K/V heads, which every
-        # SDPA backend takes (a backend without GQA support would fall back to the memory-hungry math kernel).
-        rep = H // Hkv
-        gqa = mask is None and q.dtype in (torch.float16, torch.bfloat16)
-        k_all, v_all = (t.transpose(0, 1) if gqa else t.transpose(0, 1).repeat_interleave(rep, dim=0) for t in (k, v))
+        # GQA (head h reads KV head h // rep, with equal groups). Unmasked half-precision calls (every velocity
+        # pass) pass the Hkv heads with enable_gqa: the flash/cuDNN kernels take it (bit-identical output, and no
+        # [H, Lk, Dh] K/V copies: 2.5 ms of a 1024² pass on an H200). Masked or fp32 calls, and tensor-parallel
+        # ranks with unequal groups, repeat the K/V heads, which every SDPA backend takes (a backend without GQA
+        # support would fall back to the memory-hungry math kernel).
+        gqa = mask is None and q.dtype in (torch.float16, torch.bfloat16) and len(set(self.kv_groups)) == 1
+        k_all, v_all = (t.transpose(0, 1) if gqa else repeat_kv(t.transpose(0, 1), self.kv_groups) for t in (k, v))
         # 4-D inputs: SDPA's fused kernels take only [B, H, L, Dh]; 3-D ones fell back to the fp32 math kernel
         # (73% of a 1024² velocity pass on an H200).
         q_all = q.transpose(0, 1)[None]  # [1, H, L, Dh]
@@ -217,6 +254,7 @@ class DecoderLayer(nn.Module):
         for suffix in ("", "_moe_gen"):
             setattr(self, "input_layernorm" + suffix, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
             setattr(self, "post_attention_layernorm" + suffix, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.reduce: Reduce = None  # set by tp.py on a rank of a tensor-parallel group
 
     @torch.no_grad()
     def forward(
@@ -232,10 +270,9 @@ class DecoderLayer(nn.Module):
         """forward() on x [L, D] in expert order, updated IN PLACE (the residual stream) and returned."""
         h = _norm(x, rows, self.input_layernorm, self.input_layernorm_moe_gen)  # [L, D]
         h, kv = self.self_attn.attend(h, cos, sin, past, rows, causal)
-        _add_projection(x, h, rows, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen)  # x += o_proj(h)
+        _add_projection(x, h, rows, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen, self.reduce)  # x += o_proj(h)
         h = _norm(x, rows, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
-        for r, mlp in rows.parts(self.mlp, self.mlp_moe_gen):
-            x[r].addmm_(_swiglu(mlp, h[r]), mlp.down_proj.weight.t())  # x += down_proj(...), no bias
+        _add_mlp(x, h, rows, self.mlp, self.mlp_moe_gen, self.reduce)
         return x, kv
 
 

@@ -18,7 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..autoencoder import AutoEncoder, autoencoder_from_state_dict, describe_keys, detect_params, strip_prefixes
+from ..autoencoder import (
+    AutoEncoder,
+    AutoEncoderParams,
+    autoencoder_from_state_dict,
+    describe_keys,
+    detect_params,
+    strip_prefixes,
+)
 from .config import BagelParams, LLMConfig, ViTConfig
 from .model import Bagel
 from .tokenizer import BagelTokenizer
@@ -77,11 +84,16 @@ def resolve_folder(roots: list[str], name: str) -> str:
     )
 
 
-def check_released_vae_widths(path: str) -> None:
-    """Refuse an autoencoder file whose widths are not the released BAGEL's, reading only its header."""
+def read_vae_params(path: str) -> AutoEncoderParams:
+    """The autoencoder's configuration from an ae.safetensors header (no weights read)."""
     with safe_open(path, framework="pt") as f:
         shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    p = detect_params(strip_prefixes(shapes))
+    return detect_params(strip_prefixes(shapes))
+
+
+def check_released_vae_widths(path: str) -> None:
+    """Refuse an autoencoder file whose widths are not the released BAGEL's, reading only its header."""
+    p = read_vae_params(path)
     if (p.ch, p.ch_mult, p.num_res_blocks) != RELEASED_VAE_WIDTHS:
         ch, ch_mult, blocks = RELEASED_VAE_WIDTHS
         raise ValueError(

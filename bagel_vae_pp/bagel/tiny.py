@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 from safetensors.torch import save_file
 
 from ..autoencoder import AutoEncoder, random_autoencoder
-from .config import CONFIGS, BagelParams
+from .config import CONFIGS, BagelParams, LLMConfig
 from .model import Bagel, sincos_2d_table
 
+# Tensor-parallel tests need more heads than "tiny" has: 8 query heads on 2 KV heads split evenly on 2 ranks,
+# straddle a GQA group on 3 (3, 3, 2 heads; rank 1 reads both KV heads), replicate the KV heads on 4; the 176
+# MLP rows split unevenly on 3 (59, 59, 58).
+TINY_TP_PARAMS = replace(CONFIGS["tiny"], llm=LLMConfig(128, 176, 2, 8, 2, 151680, 1_000_000.0, 1e-6, "silu"))
 QWEN25_FIRST_SPECIAL_ID = 151643
 # Qwen2.5 added tokens in id order from 151643; the bool says whether the tokenizer marks it special.
 QWEN25_ADDED_TOKENS = [
@@ -152,6 +157,7 @@ def write_tiny_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     vae: AutoEncoder | None = None,
     vae_dtype: torch.dtype = torch.float32,
+    params: BagelParams = CONFIGS["tiny"],
 ) -> str:
     """Write a tiny random BAGEL checkpoint folder in the real layout; returns the folder.
 
@@ -162,8 +168,8 @@ def write_tiny_checkpoint(
             downsample 8, like FLUX; pass a full-size random_autoencoder("flux") for hosts whose own VAE
             loader only accepts the real FLUX widths (ComfyUI's comfy.sd.VAE).
         vae_dtype: ae.safetensors dtype (bf16 halves the bytes of a full-size VAE; loaders cast to fp32).
+        params: the model's sizes; CONFIGS["tiny"] or a variant of it such as TINY_TP_PARAMS.
     """
-    params = CONFIGS["tiny"]
     os.makedirs(folder, exist_ok=True)
     for name, content in config_files(params).items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:

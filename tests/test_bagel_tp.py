@@ -1,0 +1,182 @@
+"""Tensor-parallel BAGEL: the shard plan, and real gloo ranks against the single-process, unsharded model.
+
+The ranks load their shards of a tiny checkpoint with 8 query heads on 2 KV heads (TINY_TP_PARAMS), so that
+2 ranks split the KV heads, 3 ranks get uneven heads (3, 3, 2) and rank 1 of 3 reads both KV heads, and 4 ranks
+replicate each KV head on two ranks. Each rank runs a causal text prefill, a generation-expert velocity pass, a
+clean latent block that updates the cache, and greedy decode steps; the reference is `load_bagel` in this
+process, which shares no sharding code.
+"""
+
+import multiprocessing
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from bagel_vae_pp.bagel.config import CONFIGS
+from bagel_vae_pp.bagel.loader import load_bagel
+from bagel_vae_pp.bagel.model import EMPTY_CONTEXT
+from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
+from bagel_vae_pp.bagel.tokenizer import BagelTokenizer
+from bagel_vae_pp.bagel.tp import load_bagel_shard, shard_nbytes, shard_plan
+
+TIMEOUT_S = 120  # the whole run, spawn included (about 10 s with 4 ranks on 2 cores)
+DECODE_STEPS = 4
+LATENT_TOKENS = 12
+REL_TOL = 1e-5
+# The KV heads [start, stop) each rank must cache, by world, worked out by hand: query head h reads KV head h // 4.
+KV_HEADS = {
+    1: [(0, 2)],
+    2: [(0, 1), (1, 2)],
+    3: [(0, 1), (0, 2), (1, 2)],  # heads 0-2, 3-5, 6-7: heads 3 and 4, 5 straddle the two groups
+    4: [(0, 1), (0, 1), (1, 2), (1, 2)],
+}
+
+
+def run_passes(model, tokenizer) -> dict:
+    """Text prefill, a velocity pass, a clean latent block into the cache, then greedy decoding."""
+    special = tokenizer.special
+    latent = torch.randn(LATENT_TOKENS, 64, generator=torch.Generator().manual_seed(0))  # [N, 64]
+    positions = torch.arange(LATENT_TOKENS)
+    ctx = model.prefill_text(EMPTY_CONTEXT, tokenizer.text_block("the cat in the hat"))
+    velocity = model.velocity(ctx, model.wrap_image(model.latent_tokens(latent, 0.6, positions), special))
+    clean = model.wrap_image(model.latent_tokens(latent, 0.0, positions), special)
+    ctx = model.prefill_image_block(ctx, clean, is_latent=True)
+    token, tokens, logits = special.bos, [], []
+    for _ in range(DECODE_STEPS):
+        step_logits, ctx = model.next_token_logits(ctx, token)  # [V]
+        token = int(torch.argmax(step_logits))
+        tokens.append(token)
+        logits.append(step_logits)
+    return {"kv": ctx.kv, "velocity": velocity, "logits": torch.stack(logits), "tokens": tokens}
+
+
+def rank_main(rank, world, folder, store_path, out_path):
+    torch.set_num_threads(1)  # up to four ranks share the test machine's cores
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        model = load_bagel_shard(folder, rank, world, "cpu", torch.float32, group=dist.group.WORLD)
+        with torch.inference_mode():
+            torch.save(run_passes(model, BagelTokenizer.from_folder(folder)), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, world, folder) -> list[dict]:
+    """Spawn `world` gloo ranks; a rank still running after TIMEOUT_S (a hang in a collective) fails the test."""
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=rank_main, args=(r, world, folder, store, str(outs[r]))) for r in range(world)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=max(0.0, start + TIMEOUT_S - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a rank waits in a collective"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(path) for path in outs]
+
+
+def rel_err(got, want) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("bagel_tp")), seed=3, params=TINY_TP_PARAMS)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    loaded = load_bagel(checkpoint, dtype=torch.float32)
+    with torch.inference_mode():
+        return run_passes(loaded.model, loaded.tokenizer)
+
+
+class TestPlan:
+    """The split of the real model (28 query heads, 4 KV heads, MLP 18944), checked against hand-worked values."""
+
+    def test_heads_kv_heads_and_groups_of_each_rank(self):
+        cfg = CONFIGS["7b-mot"].llm
+        want = {
+            2: [((0, 14), (0, 2), (7, 7)), ((14, 28), (2, 4), (7, 7))],
+            3: [((0, 10), (0, 2), (7, 3)), ((10, 19), (1, 3), (4, 5)), ((19, 28), (2, 4), (2, 7))],
+            8: [((0, 4), (0, 1), (4,)), ((4, 8), (0, 2), (3, 1)), ((8, 12), (1, 2), (4,)),
+                ((12, 16), (1, 3), (2, 2)), ((16, 19), (2, 3), (3,)), ((19, 22), (2, 4), (2, 1)),
+                ((22, 25), (3, 4), (3,)), ((25, 28), (3, 4), (3,))],
+        }  # fmt: skip
+        for world, ranks in want.items():
+            got = [shard_plan(cfg, r, world) for r in range(world)]
+            assert [(p.heads, p.kv_heads, p.kv_groups) for p in got] == ranks, world
+
+    def test_every_query_head_reads_its_own_kv_head_for_every_world(self):
+        cfg = CONFIGS["7b-mot"].llm
+        for world in range(1, 29):
+            for rank in range(world):
+                plan = shard_plan(cfg, rank, world)
+                read = [plan.kv_heads[0] + j for j, n in enumerate(plan.kv_groups) for _ in range(n)]
+                assert read == [h // 7 for h in range(*plan.heads)], (world, rank)
+
+    def test_mlp_rows_in_units_of_64_and_all_rows_covered(self):
+        cfg = CONFIGS["7b-mot"].llm
+        assert [shard_plan(cfg, r, 3).mlp for r in range(3)] == [(0, 6336), (6336, 12672), (12672, 18944)]
+        assert [shard_plan(cfg, r, 4).mlp for r in range(4)] == [(0, 4736), (4736, 9472), (9472, 14208),
+                                                                 (14208, 18944)]  # fmt: skip
+        tiny = TINY_TP_PARAMS.llm  # 176 rows: not a multiple of 64, split row by row
+        assert [shard_plan(tiny, r, 3).mlp for r in range(3)] == [(0, 59), (59, 118), (118, 176)]
+
+    def test_more_ranks_than_query_heads_is_refused(self):
+        with pytest.raises(ValueError, match=r"29 ranks.*28 query heads.*1 to 28 ranks \(1, 2, 4, 7, 14, 28"):
+            shard_plan(CONFIGS["7b-mot"].llm, 0, 29)
+
+    def test_a_group_of_several_ranks_needs_its_process_group(self, checkpoint):
+        with pytest.raises(ValueError, match="2-rank tensor-parallel group needs the group's process group"):
+            load_bagel_shard(checkpoint, 0, 2, "cpu", torch.float32)
+
+
+class TestShardBytes:
+    def test_full_size_rank_holds_its_half_of_every_layer_and_all_the_rest(self):
+        # Per layer and expert (bf16): q_proj with bias, k/v_proj with bias, o_proj, gate/up/down; the q/k norms
+        # and the two layer norms stay whole. Hand-counted from the config, not from a model.
+        D, inter, kv, layers = 3584, 18944, 512, 28
+        split = 2 * layers * (D * D + D + 2 * (kv * D + kv) + D * D + 3 * D * inter)
+        total = 14_607_260_128  # parameters of ema.safetensors (notes/bagel.md)
+        params = CONFIGS["7b-mot"]
+        assert shard_nbytes(params, 0, 1, torch.bfloat16) == 2 * total
+        for rank in range(2):
+            assert shard_nbytes(params, rank, 2, torch.bfloat16) == 2 * (total - split + split // 2)
+
+
+class TestRanksMatchTheUnshardedModel:
+    def check(self, got: dict, want: dict, rank: int, world: int):
+        assert got["tokens"] == want["tokens"]
+        assert rel_err(got["velocity"], want["velocity"]) < REL_TOL
+        assert rel_err(got["logits"], want["logits"]) < REL_TOL
+        a, b = KV_HEADS[world][rank]
+        for (k, v), (k_ref, v_ref) in zip(got["kv"], want["kv"]):
+            assert k.shape[1] == b - a  # only this rank's KV heads are cached
+            assert rel_err(k, k_ref[:, a:b]) < REL_TOL and rel_err(v, v_ref[:, a:b]) < REL_TOL
+
+    def test_one_rank_loads_the_whole_model(self, checkpoint, reference):
+        model = load_bagel_shard(checkpoint, 0, 1, "cpu", torch.float32)
+        # no collective: the residual adds stay fused into the GEMMs, as in the in-process path
+        assert all(layer.reduce is None for layer in model.language_model.model.layers)
+        with torch.inference_mode():
+            self.check(run_passes(model, BagelTokenizer.from_folder(checkpoint)), reference, 0, 1)
+
+    @pytest.mark.parametrize("world", [2, 3, 4])
+    def test_gloo_ranks(self, tmp_path, checkpoint, reference, world):
+        for rank, got in enumerate(run_ranks(tmp_path, world, checkpoint)):
+            self.check(got, reference, rank, world)
