@@ -107,6 +107,7 @@ class Worker:
         self.dtype = DTYPES[cfg["dtype"]]
         self.control = shm.attach(cfg["control"], (4,), torch.int64)
         self.model = None
+        self.bagel = None  # bagel_rank.BagelRank once a BAGEL job came
         self.graphs = GraphCache() if self.device.type == "cuda" else None
         channels_last = self.device.type == "cuda" and os.environ.get(CHANNELS_LAST_SWITCH, "1") != "0"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -142,6 +143,14 @@ class Worker:
         self.model = model.to(memory_format=self.memory_format)
         return {}
 
+    def bagel_rank(self):
+        """This worker's BAGEL share, made on the first BAGEL job (a VAE-only pool never imports the model)."""
+        if self.bagel is None:
+            from .bagel_rank import BagelRank
+
+            self.bagel = BagelRank(self.cfg["rank"], self.groups, self.device)
+        return self.bagel
+
     def job(self, msg: dict) -> dict:
         received = time.time()
         self.job_id = msg["job"]
@@ -164,7 +173,13 @@ class Worker:
 
     def serve(self) -> bool:
         """Answer the host until it says shutdown (False) or its end of the socket closes (True)."""
-        handlers = {"load": self.load, "decode": self.job, "encode": self.job}
+        handlers = {
+            "load": self.load,
+            "decode": self.job,
+            "encode": self.job,
+            "bagel_load": lambda msg: self.bagel_rank().load(msg),
+            "bagel": lambda msg: self.bagel_rank().run(msg),
+        }
         while True:
             try:
                 msg = self.conn.recv()

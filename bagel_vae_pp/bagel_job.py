@@ -1,0 +1,101 @@
+"""The host's side of BAGEL on a worker pool: `PoolBagel` has the model operations of pipeline.InProcess, run by
+the pool's workers (bagel_rank.py), so pipeline.text_to_image / edit_image / understand_image take it in place of
+a Bagel. The host keeps what decides results (every random number in the official order, the schedule, the
+guidance arithmetic) and never holds the model: it reads the json configs and safetensors headers only.
+
+Contexts (KV caches) live in the workers; the host holds `RemoteContext` handles, one object per context, so
+the pipeline's identity checks (`cfg_img is gen`) hold as in-process. `release()` frees them after a generation.
+Each operation is one pool job: Cancel (the interrupt or ComfyUI's progress bar) stops within that operation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .bagel.config import BagelParams
+from .bagel.loader import find_vae_file, is_bagel_folder, read_params, read_vae_params, resolve_folder
+from .bagel.pipeline import ImageInput
+from .bagel.tokenizer import SpecialTokens
+
+LOAD_TIMEOUT_S = 600.0  # 29 GB of weights from disk on first use
+
+
+@dataclass(frozen=True, eq=False)
+class RemoteContext:
+    id: int  # the workers' key; 0 is the empty context
+
+
+def array(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy()
+
+
+class PoolBagel:
+    """BAGEL held by a pool's workers: the first `tp` workers as a tensor-parallel group (1: worker 0 alone)."""
+
+    empty_context = RemoteContext(0)
+    device = torch.device("cpu")  # where the sampler keeps its latent between steps
+
+    def __init__(self, pool, folder: str, special: SpecialTokens, dtype: str, tp: int = 1, interrupt=None):
+        if not 1 <= tp <= len(pool.spec.devices):
+            raise ValueError(f"tp is {tp}; the pool has {len(pool.spec.devices)} worker(s): use 1 to that many.")
+        if not is_bagel_folder(folder):
+            resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+        self.pool, self.folder, self.special, self.dtype, self.tp = pool, folder, special, dtype, tp
+        self.params: BagelParams = read_params(
+            folder, os.path.join(folder, "ema.safetensors"), read_vae_params(find_vae_file(folder))
+        )
+        self.interrupt = interrupt
+        self.ids = 0
+
+    def load(self) -> None:
+        """Have the workers load the checkpoint unless they hold it already (a VAE job does not unload it)."""
+        key = (self.folder, self.dtype, self.tp)
+        if self.pool.is_running and self.pool.holding.get("bagel") == key:
+            return
+        special = self.special
+        msg = {"op": "bagel_load", "folder": self.folder, "dtype": self.dtype, "tp": self.tp,
+               "special": [special.bos, special.eos, special.start_of_image, special.end_of_image]}  # fmt: skip
+        self.pool.holding.pop("bagel", None)
+        self.pool.call(msg, "loading BAGEL", LOAD_TIMEOUT_S, self.interrupt)
+        self.pool.holding["bagel"] = key
+
+    def call(self, what: str, **fields) -> dict:
+        replies = self.pool.call({"op": "bagel", "bagel_op": what, **fields}, f"BAGEL {what}",
+                                 self.pool.spec.timeout_s, self.interrupt)  # fmt: skip
+        return replies[0]
+
+    def new_context(self) -> RemoteContext:
+        self.ids += 1
+        return RemoteContext(self.ids)
+
+    def prefill_text(self, ctx: RemoteContext, ids: list[int]) -> RemoteContext:
+        out = self.new_context()
+        self.call("prefill_text", ctx=ctx.id, out=out.id, ids=list(ids))
+        return out
+
+    def add_image(self, ctx: RemoteContext, image: ImageInput) -> RemoteContext:
+        out = self.new_context()
+        self.call("add_image", ctx=ctx.id, out=out.id, vit_patches=array(image.vit_patches),
+                  vit_position_ids=array(image.vit_position_ids), vae_tokens=array(image.vae_tokens),
+                  vae_position_ids=array(image.vae_position_ids))  # fmt: skip
+        return out
+
+    def velocities(self, contexts: list[RemoteContext], x_t: Tensor, t: float, position_ids: Tensor) -> list[Tensor]:
+        reply = self.call("velocities", ctxs=[c.id for c in contexts], x_t=array(x_t), t=t,
+                          position_ids=array(position_ids))  # fmt: skip
+        return [torch.from_numpy(v) for v in reply["velocities"]]
+
+    def next_token_logits(self, ctx: RemoteContext, token: int) -> tuple[Tensor, RemoteContext]:
+        out = self.new_context()
+        reply = self.call("next_token", ctx=ctx.id, out=out.id, token=int(token))
+        return torch.from_numpy(reply["logits"]), out
+
+    def release(self) -> None:
+        """Free the generation's contexts in the workers (a no-op where the pool is gone)."""
+        if self.pool.is_running and self.pool.holding.get("bagel") is not None:
+            self.call("release")

@@ -1,0 +1,86 @@
+"""A worker's share of BAGEL jobs: the model (whole, or its tensor-parallel shard) and the contexts the host
+refers to by id. The host's side is bagel_job.py; the operations are pipeline.InProcess's, so the pool computes
+what the in-process path computes.
+
+Tensors cross the socket as numpy arrays (pickled by value; a torch tensor would be pickled through shared
+memory and a descriptor-passing listener). Ranks of the tensor-parallel group run every operation together;
+rank 0 replies with the result, ranks outside the group sit the jobs out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .bagel.loader import DTYPES
+from .bagel.model import EMPTY_CONTEXT, Context
+from .bagel.pipeline import ImageInput, InProcess
+from .bagel.tokenizer import SpecialTokens
+from .bagel.tp import load_bagel_shard
+
+
+def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(a)
+
+
+def array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+class BagelRank:
+    def __init__(self, rank: int, groups: dict, device: torch.device):
+        self.rank, self.groups, self.device = rank, groups, device
+        self.ops: InProcess | None = None
+        self.contexts: dict[int, Context] = {}
+
+    def load(self, msg: dict) -> dict:
+        """Load (this rank's shard of) the checkpoint in `msg["folder"]`, or sit out when outside the group."""
+        self.ops, self.contexts = None, {}
+        tp = msg["tp"]
+        if self.rank >= tp:
+            return {}
+        with torch.inference_mode():
+            model = load_bagel_shard(msg["folder"], self.rank, tp, self.device, DTYPES[msg["dtype"]], self.groups[tp])
+        self.ops = InProcess(model, SpecialTokens(*msg["special"]))
+        self.contexts = {0: EMPTY_CONTEXT}
+        return {}
+
+    def run(self, msg: dict) -> dict:
+        if self.ops is None:
+            return {}
+        with torch.inference_mode():
+            reply = OPERATIONS[msg["bagel_op"]](self, msg)
+        return reply if self.rank == 0 else {}
+
+    def prefill_text(self, msg: dict) -> dict:
+        self.contexts[msg["out"]] = self.ops.prefill_text(self.contexts[msg["ctx"]], msg["ids"])
+        return {}
+
+    def add_image(self, msg: dict) -> dict:
+        image = ImageInput(*(tensor(msg[k]) for k in ("vit_patches", "vit_position_ids", "vae_tokens",
+                                                      "vae_position_ids")))  # fmt: skip
+        self.contexts[msg["out"]] = self.ops.add_image(self.contexts[msg["ctx"]], image)
+        return {}
+
+    def velocities(self, msg: dict) -> dict:
+        contexts = [self.contexts[i] for i in msg["ctxs"]]
+        vs = self.ops.velocities(contexts, tensor(msg["x_t"]), msg["t"], tensor(msg["position_ids"]))
+        return {"velocities": [array(v) for v in vs]}
+
+    def next_token(self, msg: dict) -> dict:
+        logits, self.contexts[msg["out"]] = self.ops.next_token_logits(self.contexts[msg["ctx"]], msg["token"])
+        return {"logits": array(logits)}
+
+    def release(self, msg: dict) -> dict:
+        """Drop every context but the empty one (a generation's KV caches: hundreds of MB at 1024²)."""
+        self.contexts = {0: EMPTY_CONTEXT}
+        return {}
+
+
+OPERATIONS = {
+    "prefill_text": BagelRank.prefill_text,
+    "add_image": BagelRank.add_image,
+    "velocities": BagelRank.velocities,
+    "next_token": BagelRank.next_token,
+    "release": BagelRank.release,
+}

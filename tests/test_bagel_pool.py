@@ -1,0 +1,124 @@
+"""BAGEL through the worker pool (gloo on CPU, fp32) against the in-process pipeline on a tiny checkpoint.
+
+The host keeps the random numbers and the guidance arithmetic, the workers the model and its contexts; a pool of
+1 worker, and tensor-parallel groups of 2 and 3 (8 query heads over 2 KV heads: uneven at 3), must give the final
+latent of the in-process path within 1e-5 relative and the same greedy text.
+"""
+
+import time
+
+import pytest
+import torch
+from host_stub import InterruptProcessingException
+
+from bagel_vae_pp.bagel.loader import load_bagel
+from bagel_vae_pp.bagel.pipeline import autoencoder_moments, edit_image, text_to_image, understand_image
+from bagel_vae_pp.bagel.sampler import GuidanceOptions
+from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
+from bagel_vae_pp.bagel_job import PoolBagel
+from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
+
+pytestmark = pytest.mark.timeout(240)
+T2I = GuidanceOptions(6, 3.0, 4.0, 1.5, (0.4, 1.0), "global", 0.0)
+EDIT = GuidanceOptions(6, 3.0, 4.0, 2.0, (0.0, 1.0), "text_channel", 0.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("bagel") / "tiny-tp")
+    write_tiny_checkpoint(folder, seed=5, params=TINY_TP_PARAMS)
+    return load_bagel(folder, "cpu", torch.float32)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def image() -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(0, 1, 72), torch.linspace(0, 1, 100), indexing="ij")
+    return torch.stack([x, y, x * y], dim=-1)  # [72, 100, 3]
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def pool_bagel(request, checkpoint):
+    tp = request.param
+    pool = WorkerPool(PoolSpec.parse(f"cpu:{tp}", "fp32", 60))
+    bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=tp)
+    bagel.load()
+    yield bagel
+    pool.shutdown()
+
+
+class TestSameAsInProcess:
+    def test_text_to_image(self, checkpoint, pool_bagel):
+        want, _ = text_to_image(checkpoint.model, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+        got, _ = text_to_image(pool_bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+        pool_bagel.release()
+        assert close(got, want) <= 1e-5
+
+    def test_edit(self, checkpoint, pool_bagel):
+        encode = autoencoder_moments(checkpoint.vae)  # the conditioning encode stays on the host here
+        want, _ = edit_image(checkpoint.model, checkpoint.tokenizer, image(), "make it blue", encode, 4, EDIT)
+        got, _ = edit_image(pool_bagel, checkpoint.tokenizer, image(), "make it blue", encode, 4, EDIT)
+        pool_bagel.release()
+        assert close(got, want) <= 1e-5
+
+    def test_understanding_text_and_thinking(self, checkpoint, pool_bagel):
+        args = (checkpoint.tokenizer, image(), "what is it?", 8)
+        assert understand_image(pool_bagel, *args) == understand_image(checkpoint.model, *args)
+        want = text_to_image(
+            checkpoint.model, checkpoint.tokenizer, "a cat", 32, 32, 1, T2I, think=True, max_think_tokens=5
+        )
+        got = text_to_image(pool_bagel, checkpoint.tokenizer, "a cat", 32, 32, 1, T2I, think=True, max_think_tokens=5)
+        pool_bagel.release()
+        assert got[1] == want[1] and close(got[0], want[0]) <= 1e-5
+
+
+class TestFaults:
+    def test_cancel_mid_sampling_then_the_next_image_is_right(self, checkpoint):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
+        try:
+            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=2)
+            bagel.load()
+            steps = []
+
+            def cancel_at_step_3(done, total):
+                steps.append(done)
+                if done == 3:
+                    raise InterruptProcessingException()
+
+            with pytest.raises(InterruptProcessingException):
+                text_to_image(bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I, progress=cancel_at_step_3)
+            bagel.release()
+            want, _ = text_to_image(checkpoint.model, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+            got, _ = text_to_image(bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+            assert steps == [1, 2, 3] and close(got, want) <= 1e-5
+        finally:
+            pool.shutdown()
+
+    def test_a_killed_worker_mid_sampling_is_an_error_within_5_s(self, checkpoint):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
+        try:
+            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=2)
+            bagel.load()
+            killed = {}
+
+            def kill_rank_1(done, total):
+                if not killed:
+                    pool.procs[1].kill()
+                    killed["at"] = time.monotonic()
+
+            with pytest.raises(WorkerError, match=r"worker 1 on cpu died"):
+                text_to_image(bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I, progress=kill_rank_1)
+            assert time.monotonic() - killed["at"] < 5 and not pool.is_running
+            bagel.load()  # the next prompt starts a fresh pool and loads again
+            want, _ = text_to_image(checkpoint.model, checkpoint.tokenizer, "a cube", 32, 32, 0, T2I)
+            got, _ = text_to_image(bagel, checkpoint.tokenizer, "a cube", 32, 32, 0, T2I)
+            assert close(got, want) <= 1e-5
+        finally:
+            pool.shutdown()
+
+    def test_a_group_larger_than_the_pool_is_refused(self, checkpoint):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
+        with pytest.raises(ValueError, match="tp is 3; the pool has 2 worker"):
+            PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=3)
