@@ -122,6 +122,27 @@ T2I = ["text-to-image", "{folder}", "--prompt", "x", "--dtype", "fp32"]
 EDIT = ["edit", "{folder}", "--prompt", "x", "--dtype", "fp32"]
 
 
+class TestOnThePool:
+    def test_text_to_image_on_2_workers_is_the_in_process_result(self, folder, reference, tmp_path, monkeypatch):
+        """BAGEL split over a pool of 2 CPU workers (tensor parallel); the PNG decoded through the same pool."""
+        monkeypatch.chdir(tmp_path)
+        assert bagel("text-to-image", folder, "--prompt", "the cat", "--seed", 7, "--width", 64, "--height", 48,
+                     "--steps", 6, "--dtype", "fp32", "--devices", "cpu:2",
+                     "--latent", "cat.safetensors") == 0  # fmt: skip
+        expected, _ = text_to_image(reference.model, reference.tokenizer, "the cat", 64, 48, 7,
+                                    replace(APP_TEXT_TO_IMAGE, num_timesteps=6))  # fmt: skip
+        latent = load_file(tmp_path / "cat.safetensors")["samples"]
+        assert ((latent - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+        assert (read_unit(tmp_path / "bagel_7.png") - decoded(reference, expected)).abs().max() <= 1 / 255 + 1e-5
+
+    def test_understanding_on_2_workers(self, folder, reference, photo, capsys):
+        assert bagel("understand", folder, "--image", photo, "--prompt", "what?", "--max-new-tokens", 6,
+                     "--dtype", "fp32", "--devices", "cpu:2") == 0  # fmt: skip
+        image = read_unit(photo)
+        want = understand_image(reference.model, reference.tokenizer, image, "what?", 6)
+        assert capsys.readouterr().out.strip() == want.strip()
+
+
 class TestRefusals:
     @pytest.mark.parametrize(
         "argv,message",
@@ -137,8 +158,7 @@ class TestRefusals:
             ([*EDIT, "--image", "{empty}/none.png"], "error: --image '{empty}/none.png': no such file."),
             ([*EDIT, "--image", "{folder}/llm_config.json"], "error: --image '{folder}/llm_config.json': not an "
              "image file PIL can read"),
-            ([*T2I, "--devices", "cpu:2"], "error: --devices cpu:2: BAGEL runs in-process until its worker-pool "
-             "path lands; use --devices in-process."),
+            ([*T2I, "--devices", "cpu:0"], "error: --devices: 'cpu:0' is not valid; use 'cpu:N' with N from 1"),
             ([*T2I, "--devices", "gpu1"], "error: --devices: 'gpu1' is not valid; use 'all', 'cpu:N', or GPU ids"),
             ([*T2I, "--out", "{empty}/no/such/folder.png"], "error: --out '{empty}/no/such/folder.png': the folder"),
             ([*T2I, "--seed", "-1"], "error: argument --seed: -1 is not a seed from 0 to 18446744073709551615"),

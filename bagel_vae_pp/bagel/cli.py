@@ -4,12 +4,13 @@ The same engine calls and defaults as the BAGEL nodes (DEFAULT_GUIDANCE and the 
 text-to-image and edit write the final LATENT (raw VAE space, key `samples`, safetensors) and the PNG decoded by
 the checkpoint's own ae.safetensors on the model's device, as core VAE Decode would (pixels (x + 1) / 2 clamped
 to [0, 1], then 8-bit). Understanding prints the answer. Bad input is one line on stderr and exit code 2;
-Ctrl-C is exit code 130. Where BAGEL runs comes from `runner_for(devices)`, the one place a pool path plugs in.
+Ctrl-C is exit code 130. Where BAGEL runs comes from `runner_for(devices)`: in this process, or a worker pool.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -18,11 +19,11 @@ from dataclasses import replace
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..inputs import parse_devices
 from .images import pil_to_unit, to_pil
-from .loader import DTYPES, REQUIRED_FILES, VAE_LOCATIONS, find_vae_file, load_bagel
+from .loader import DTYPES, REQUIRED_FILES, VAE_LOCATIONS, LoadedBagel, find_vae_file, load_bagel
 from .pipeline import (
     DEFAULT_IMAGE_SIDE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -103,18 +104,47 @@ class InProcessRunner:
         return ((x[0].float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu()
 
 
+class PoolRunner(InProcessRunner):
+    """BAGEL held by a worker pool, all its workers one tensor-parallel group (bagel_job.PoolBagel). This process
+    keeps the tokenizer and the autoencoder (fp32, CPU) for the edit's conditioning encode; the final latent is
+    decoded through the same pool."""
+
+    def __init__(self, folder: str, dtype: str, devices: str):
+        from ..autoencoder import autoencoder_from_state_dict
+        from ..bagel_job import PoolBagel
+        from ..pool import PoolSpec, get_pool
+        from .tokenizer import BagelTokenizer
+
+        try:
+            self.pool = get_pool(PoolSpec.parse(devices, dtype))
+            tokenizer = BagelTokenizer.from_folder(folder)
+            vae_sd = load_file(find_vae_file(folder))
+            bagel = PoolBagel(self.pool, folder, tokenizer.special, self.pool.spec.dtype, len(self.pool.spec.devices))
+        except (ValueError, SafetensorError, OSError) as e:
+            raise UsageError(f"MODEL_DIR {folder!r} / --devices {devices}: {e}") from e
+        bagel.load()
+        self.loaded = LoadedBagel(bagel, tokenizer, autoencoder_from_state_dict(vae_sd), vae_sd, folder)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        self.loaded.model.release()  # the generation is done: free its contexts in the workers
+        return self.pool.decode(self.loaded.vae, latent)[0]
+
+    def understand(self, *args):
+        try:
+            return super().understand(*args)
+        finally:
+            self.loaded.model.release()
+
+
 def runner_for(devices: str):
-    """The runner class for a --devices value: called as runner(folder, dtype), it loads the checkpoint."""
+    """The runner for a --devices value: called as runner(folder, dtype), it loads the checkpoint."""
     if devices == IN_PROCESS:
         return InProcessRunner
     try:
         parse_devices(devices, torch.cuda.device_count())
     except ValueError as e:
-        reason = str(e).removeprefix("devices: ")
-        raise UsageError(f"--devices: {reason} (BAGEL runs only --devices {IN_PROCESS} for now)") from e
-    raise UsageError(
-        f"--devices {devices}: BAGEL runs in-process until its worker-pool path lands; use --devices {IN_PROCESS}."
-    )
+        raise UsageError(f"--devices: {str(e).removeprefix('devices: ')}") from e
+    return functools.partial(PoolRunner, devices=devices)
 
 
 def check_model_dir(folder: str) -> None:
@@ -249,7 +279,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the text BAGEL follows (no chat template)")
     p.add_argument("--seed", type=seed_value, default=0, help="seeds the CPU generator (official draw order)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights and compute; the VAE stays fp32")
-    where = f"{IN_PROCESS}: the first GPU, else the CPU (cpu:N, all, 0,1,...: the worker pool, to come)"
+    where = (
+        f"{IN_PROCESS}: the first GPU, else the CPU; cpu:N, all or GPU ids 0,1,...: a worker pool, BAGEL split "
+        "over its workers (tensor parallel)"
+    )
     p.add_argument("--devices", default=IN_PROCESS, help=where)
     p.add_argument("--think", action="store_true", help="let BAGEL reason in text first (printed)")
 
