@@ -4,13 +4,16 @@ a Bagel. The host keeps what decides results (every random number in the officia
 guidance arithmetic) and never holds the model: it reads the json configs and safetensors headers only.
 
 Contexts (KV caches) live in the workers; the host holds `RemoteContext` handles, one object per context, so
-the pipeline's identity checks (`cfg_img is gen`) hold as in-process. `release()` frees them after a generation.
+the pipeline's identity checks (`cfg_img is gen`) hold as in-process. A handle the host drops is dropped by the
+workers with the next operation (a generation's caches are hundreds of MB at 1024²); `release()` drops them all.
 Each operation is one pool job: Cancel (the interrupt or ComfyUI's progress bar) stops within that operation.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +54,7 @@ class PoolBagel:
         )
         self.interrupt = interrupt
         self.ids = 0
+        self.dropped: deque[int] = deque()  # handles the host let go of since the last operation (appended by GC)
 
     def load(self) -> None:
         """Have the workers load the checkpoint unless they hold it already (a VAE job does not unload it)."""
@@ -65,13 +69,16 @@ class PoolBagel:
         self.pool.holding["bagel"] = key
 
     def call(self, what: str, **fields) -> dict:
-        replies = self.pool.call({"op": "bagel", "bagel_op": what, **fields}, f"BAGEL {what}",
+        drop = [self.dropped.popleft() for _ in range(len(self.dropped))]
+        replies = self.pool.call({"op": "bagel", "bagel_op": what, "drop": drop, **fields}, f"BAGEL {what}",
                                  self.pool.spec.timeout_s, self.interrupt)  # fmt: skip
         return replies[0]
 
     def new_context(self) -> RemoteContext:
         self.ids += 1
-        return RemoteContext(self.ids)
+        ctx = RemoteContext(self.ids)
+        weakref.finalize(ctx, self.dropped.append, self.ids)
+        return ctx
 
     def prefill_text(self, ctx: RemoteContext, ids: list[int]) -> RemoteContext:
         out = self.new_context()

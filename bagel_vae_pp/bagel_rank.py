@@ -48,9 +48,11 @@ class BagelRank:
     def run(self, msg: dict) -> dict:
         if self.ops is None:
             return {}
+        for handle in msg["drop"]:  # contexts the host no longer refers to
+            self.contexts.pop(handle, None)
         with torch.inference_mode():
             reply = OPERATIONS[msg["bagel_op"]](self, msg)
-        return reply if self.rank == 0 else {}
+        return {**reply, "held": len(self.contexts)} if self.rank == 0 else {}  # held: contexts kept, for tests
 
     def prefill_text(self, msg: dict) -> dict:
         self.contexts[msg["out"]] = self.ops.prefill_text(self.contexts[msg["ctx"]], msg["ids"])

@@ -74,6 +74,20 @@ class TestSameAsInProcess:
         assert got[1] == want[1] and close(got[0], want[0]) <= 1e-5
 
 
+class TestContexts:
+    def test_contexts_the_host_drops_are_freed_in_the_workers(self, checkpoint):
+        pool = WorkerPool(PoolSpec.parse("cpu:1", "fp32", 60))
+        try:
+            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32")
+            bagel.load()
+            text_to_image(bagel, checkpoint.tokenizer, "a red cube", 32, 32, 0, T2I)  # its contexts, then dropped
+            ids = checkpoint.tokenizer.text_block("x")
+            kept = bagel.prefill_text(bagel.empty_context, ids)
+            assert bagel.call("prefill_text", ctx=kept.id, out=999, ids=ids)["held"] == 3  # empty, kept, 999
+        finally:
+            pool.shutdown()
+
+
 class TestFaults:
     def test_cancel_mid_sampling_then_the_next_image_is_right(self, checkpoint):
         pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
