@@ -18,12 +18,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
+from .autoencoder import autoencoder_from_state_dict
 from .bagel.config import BagelParams
-from .bagel.loader import find_vae_file, is_bagel_folder, read_params, read_vae_params, resolve_folder
+from .bagel.loader import (
+    LoadedBagel,
+    check_released_vae_widths,
+    find_vae_file,
+    is_bagel_folder,
+    read_params,
+    read_vae_params,
+    resolve_folder,
+)
 from .bagel.pipeline import ImageInput
-from .bagel.tokenizer import SpecialTokens
+from .bagel.tokenizer import BagelTokenizer, SpecialTokens
 
 LOAD_TIMEOUT_S = 600.0  # 29 GB of weights from disk on first use
 
@@ -69,6 +79,8 @@ class PoolBagel:
         self.pool.holding["bagel"] = key
 
     def call(self, what: str, **fields) -> dict:
+        """One operation on the workers, loading the checkpoint first where the pool (re)started without it."""
+        self.load()
         drop = [self.dropped.popleft() for _ in range(len(self.dropped))]
         replies = self.pool.call({"op": "bagel", "bagel_op": what, "drop": drop, **fields}, f"BAGEL {what}",
                                  self.pool.spec.timeout_s, self.interrupt)  # fmt: skip
@@ -106,3 +118,17 @@ class PoolBagel:
         """Free the generation's contexts in the workers (a no-op where the pool is gone)."""
         if self.pool.is_running and self.pool.holding.get("bagel") is not None:
             self.call("release")
+
+
+def load_on_pool(pool, folder: str, dtype: str, released_vae_only: bool = False, interrupt=None) -> LoadedBagel:
+    """BAGEL held by `pool`'s workers, all of them one tensor-parallel group; this process keeps the tokenizer and
+    the autoencoder (fp32, CPU: the edit's conditioning encode). Arguments as loader.load_bagel's."""
+    if not is_bagel_folder(folder):
+        resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+    if released_vae_only:
+        check_released_vae_widths(find_vae_file(folder))
+    tokenizer = BagelTokenizer.from_folder(folder)
+    vae_sd = load_file(find_vae_file(folder))
+    bagel = PoolBagel(pool, folder, tokenizer.special, dtype, len(pool.spec.devices), interrupt)
+    bagel.load()
+    return LoadedBagel(bagel, tokenizer, autoencoder_from_state_dict(vae_sd), vae_sd, folder)

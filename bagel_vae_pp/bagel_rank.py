@@ -50,6 +50,9 @@ class BagelRank:
             return {}
         for handle in msg["drop"]:  # contexts the host no longer refers to
             self.contexts.pop(handle, None)
+        missing = [i for i in (msg.get("ctx"), *msg.get("ctxs", ())) if i is not None and i not in self.contexts]
+        if missing:
+            raise ValueError(f"BAGEL context {missing[0]} is not held here: the pool restarted during the generation.")
         with torch.inference_mode():
             reply = OPERATIONS[msg["bagel_op"]](self, msg)
         return {**reply, "held": len(self.contexts)} if self.rank == 0 else {}  # held: contexts kept, for tests

@@ -15,6 +15,8 @@ from ..bagel_vae_pp.bagel.pipeline import (
     understand_image,
 )
 from ..bagel_vae_pp.bagel.sampler import DEFAULT_GUIDANCE, RENORM_TYPES, GuidanceOptions
+from ..bagel_vae_pp.bagel_job import load_on_pool
+from ..bagel_vae_pp.pool import get_pool
 from . import host
 
 CATEGORY = "bagel-vae-pp/BAGEL"
@@ -61,7 +63,8 @@ class ManagedBagel:
     handle: object
 
     def on_device(self) -> LoadedBagel:
-        host.load_for_compute(self.handle)
+        if self.handle is not None:  # None: the model lives in a worker pool, outside ComfyUI's management
+            host.load_for_compute(self.handle)
         return self.loaded
 
 
@@ -185,11 +188,18 @@ class BagelModelLoader:
                       "models/bagel, e.g. BAGEL-7B-MoT downloaded from ByteDance-Seed/BAGEL-7B-MoT."}),
             "dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Weights and compute: bf16 (29 GB) on GPUs; "
                       "fp32 for exact comparisons. The VAE always stays fp32."}),
+        }, "optional": {
+            "pool": ("VAE_POOL", {"tooltip": "Run BAGEL in these workers, split over all of them (tensor "
+                     "parallel: 2 GPUs hold about 15 GiB each, 4 about 9). Unconnected: ComfyUI's own GPU, "
+                     "the whole model on it."}),
         }}  # fmt: skip
 
-    def execute(self, model, dtype):
+    def execute(self, model, dtype, pool=None):
         folder = resolve_folder(host.bagel_model_dirs(), model)
-        loaded = load_bagel(folder, host.offload_device(), dtype, released_vae_only=True)  # ComfyUI's VAE needs it
+        if pool is not None:  # ComfyUI's VAE object needs the released widths (released_vae_only)
+            loaded = load_on_pool(get_pool(pool), folder, dtype, True, host.throw_if_interrupted)
+            return (ManagedBagel(loaded, None), host.make_comfy_vae(loaded.vae_state_dict))
+        loaded = load_bagel(folder, host.offload_device(), dtype, released_vae_only=True)
         managed = ManagedBagel(loaded, host.managed(loaded.model, loaded.vae))
         return (managed, host.make_comfy_vae(loaded.vae_state_dict))
 
@@ -319,9 +329,7 @@ def single_image(image):
 
 
 def pool_encoder(spec, vae):
-    """pixels -> posterior mean through the VAE worker pool (imported lazily: the pool spawns processes)."""
-    from ..bagel_vae_pp.pool import get_pool
-
+    """pixels -> posterior mean through the VAE worker pool."""
     return lambda pixels: get_pool(spec).encode(vae, pixels, mode="exact", interrupt=host.throw_if_interrupted)
 
 

@@ -217,6 +217,25 @@ class TestRun:
         assert isinstance(text, str) and text
 
 
+class TestOnAPool:
+    def test_a_loader_with_a_pool_gives_the_in_process_latent_and_text(self, nodes, loaded, host):
+        """BAGEL split over 2 CPU workers (tensor parallel), outside ComfyUI's model management."""
+        pools = sys.modules[f"{PACK}.bagel_vae_pp.pool"]
+        try:
+            on_pool = nodes.BagelModelLoader().execute("tiny-bagel", "fp32", pools.PoolSpec.parse("cpu:2", "fp32"))
+            before = len(host.loads)
+            want, _ = nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs())
+            got, _ = nodes.BagelTextToImage().execute(on_pool[0], **text_to_image_inputs())
+            rel = (got["samples"] - want["samples"]).abs().max() / want["samples"].abs().max()
+            assert rel <= 1e-5 and len(host.loads) == before + 1  # only the in-process model was loaded to the GPU
+            question = (torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)), "what?", 4, 0.0, 0, False)
+            understand = nodes.BagelImageUnderstanding()
+            assert understand.execute(on_pool[0], *question) == understand.execute(loaded[0], *question)
+            assert "decoder.conv_in.weight" in on_pool[1].sd
+        finally:
+            pools.shutdown_all()
+
+
 def test_loader_refuses_a_vae_comfyui_cannot_build_before_its_vae_class_sees_it(nodes, host, tmp_path, monkeypatch):
     """A 32-wide ae.safetensors gives one line naming the file and both widths, not ComfyUI's size mismatches."""
     write_tiny_checkpoint(str(tmp_path / "narrow"))

@@ -19,11 +19,11 @@ from dataclasses import replace
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..inputs import parse_devices
 from .images import pil_to_unit, to_pil
-from .loader import DTYPES, REQUIRED_FILES, VAE_LOCATIONS, LoadedBagel, find_vae_file, load_bagel
+from .loader import DTYPES, REQUIRED_FILES, VAE_LOCATIONS, find_vae_file, load_bagel
 from .pipeline import (
     DEFAULT_IMAGE_SIDE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -110,20 +110,14 @@ class PoolRunner(InProcessRunner):
     decoded through the same pool."""
 
     def __init__(self, folder: str, dtype: str, devices: str):
-        from ..autoencoder import autoencoder_from_state_dict
-        from ..bagel_job import PoolBagel
+        from ..bagel_job import load_on_pool
         from ..pool import PoolSpec, get_pool
-        from .tokenizer import BagelTokenizer
 
         try:
             self.pool = get_pool(PoolSpec.parse(devices, dtype))
-            tokenizer = BagelTokenizer.from_folder(folder)
-            vae_sd = load_file(find_vae_file(folder))
-            bagel = PoolBagel(self.pool, folder, tokenizer.special, self.pool.spec.dtype, len(self.pool.spec.devices))
+            self.loaded = load_on_pool(self.pool, folder, self.pool.spec.dtype)
         except (ValueError, SafetensorError, OSError) as e:
             raise UsageError(f"MODEL_DIR {folder!r} / --devices {devices}: {e}") from e
-        bagel.load()
-        self.loaded = LoadedBagel(bagel, tokenizer, autoencoder_from_state_dict(vae_sd), vae_sd, folder)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         self.loaded.model.release()  # the generation is done: free its contexts in the workers
