@@ -76,6 +76,25 @@ class TestTextToImage:
         assert core.std() > 1, "the decoded image is flat: the comparison would prove nothing"
 
 
+class TestOnThePool:
+    """The loader's optional pool: BAGEL split over the 2 CPU workers (tensor parallel) draws what it draws in
+    ComfyUI's process (fp32 both, so the only difference is the order of the sums)."""
+
+    def test_same_image_as_in_process(self, comfy_server):
+        images = []
+        for on_pool in (False, True):
+            prompt = bagel_prompt(comfy_server, TEXT_TO_IMAGE, f"e2e/bagel_pool_{on_pool}")
+            load, pool = node_id(prompt, "BagelVAEPP_LoadBagel"), node_id(prompt, "BagelVAEPP_WorkerPool")
+            prompt[load]["inputs"]["dtype"] = "fp32"
+            if on_pool:
+                prompt[load]["inputs"]["pool"] = [pool, 0]
+            run = run_ok(comfy_server, prompt)
+            (image,) = read_pngs(comfy_server, run, node_id(prompt, "SaveImage"))
+            images.append(image)
+        diff = abs(images[0] - images[1])
+        assert diff.max() <= 1 and images[0].std() > 1, f"max {diff.max()}/255"
+
+
 class TestImageEdit:
     """LoadImage → BAGEL Image Edit (condition encoded by the pool) → Distributed VAE Decode → SaveImage."""
 
