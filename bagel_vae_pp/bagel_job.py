@@ -114,6 +114,10 @@ class PoolBagel:
         reply = self.call("next_token", ctx=ctx.id, out=out.id, token=int(token))
         return torch.from_numpy(reply["logits"]), out
 
+    def peak_bytes(self) -> list[int | None]:
+        """Each worker's peak device memory since the load (None on CPU), as its caching allocator held it."""
+        return [r.get("peak_bytes") for r in self.pool.call({"op": "bagel", "bagel_op": "memory"}, "BAGEL memory", 60)]
+
     def release(self) -> None:
         """Free the generation's contexts in the workers (a no-op where the pool is gone)."""
         if self.pool.is_running and self.pool.holding.get("bagel") is not None:

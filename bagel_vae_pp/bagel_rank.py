@@ -36,6 +36,8 @@ class BagelRank:
     def load(self, msg: dict) -> dict:
         """Load (this rank's shard of) the checkpoint in `msg["folder"]`, or sit out when outside the group."""
         self.ops, self.contexts = None, {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         tp = msg["tp"]
         if self.rank >= tp:
             return {}
@@ -46,6 +48,9 @@ class BagelRank:
         return {}
 
     def run(self, msg: dict) -> dict:
+        if msg["bagel_op"] == "memory":  # every rank answers: its device's peak since load, as the allocator held it
+            on_gpu = self.device.type == "cuda"
+            return {"peak_bytes": torch.cuda.max_memory_reserved(self.device) if on_gpu else None}
         if self.ops is None:
             return {}
         for handle in msg["drop"]:  # contexts the host no longer refers to
