@@ -7,13 +7,12 @@ clean latent block that updates the cache, and greedy decode steps; the referenc
 process, which shares no sharding code.
 """
 
-import multiprocessing
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from ranks import run_ranks
 
 from bagel_vae_pp.bagel.config import CONFIGS
 from bagel_vae_pp.bagel.loader import load_bagel
@@ -66,26 +65,11 @@ def rank_main(rank, world, folder, store_path, out_path):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, world, folder) -> list[dict]:
+def run_tp_ranks(tmp_path, world, folder) -> list[dict]:
     """Spawn `world` gloo ranks; a rank still running after TIMEOUT_S (a hang in a collective) fails the test."""
-    ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     store = str(tmp_path / "store")
-    procs = [ctx.Process(target=rank_main, args=(r, world, folder, store, str(outs[r]))) for r in range(world)]
-    start = time.monotonic()
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=max(0.0, start + TIMEOUT_S - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a rank waits in a collective"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(rank_main, lambda r: (r, world, folder, store, str(outs[r])), world, TIMEOUT_S)
     return [torch.load(path) for path in outs]
 
 
@@ -178,5 +162,5 @@ class TestRanksMatchTheUnshardedModel:
 
     @pytest.mark.parametrize("world", [2, 3, 4])
     def test_gloo_ranks(self, tmp_path, checkpoint, reference, world):
-        for rank, got in enumerate(run_ranks(tmp_path, world, checkpoint)):
+        for rank, got in enumerate(run_tp_ranks(tmp_path, world, checkpoint)):
             self.check(got, reference, rank, world)

@@ -8,13 +8,12 @@ Real gloo processes run the band-parallel decode of the tiny VAE.
 """
 
 import json
-import multiprocessing
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from ranks import run_ranks
 
 from bagel_vae_pp.autoencoder import random_autoencoder
 from bagel_vae_pp.bands import plan_bands
@@ -98,24 +97,9 @@ def expected(seen, looks_per_job, lag):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_seeing_the_flag_at_different_times_stop_at_the_same_layer(tmp_path, world):
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has run torch's thread pools
     outs = [tmp_path / f"rank{r}.json" for r in range(world)]
     store = str(tmp_path / "store")
-    procs = [ctx.Process(target=rank_main, args=(r, world, store, str(outs[r]))) for r in range(world)]
-    start = time.monotonic()
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=max(0.0, start + TIMEOUT_S - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a rank waits in a collective"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(rank_main, lambda r: (r, world, store, str(outs[r])), world, TIMEOUT_S)
     got = [json.loads(path.read_text()) for path in outs]
     layers = count_layers(random_autoencoder("tiny", seed=1), "decode")
     for n, seen in enumerate(SCENARIOS[world]):
