@@ -42,48 +42,55 @@ def dequant64(q, scale):
     return q.double() * scale.double()[:, None]
 
 
+def within_round_trip_bound(w, q, scale):
+    """|q * scale - w| <= half an e4m3 ulp of w / scale, times scale, per element (plus the fp32 rounding of the
+    quotient w / scale before its e4m3 rounding)."""
+    v = w.double() / scale.double()[:, None]
+    err = (dequant64(q, scale) - w.double()).abs()
+    bound = (e4m3_half_ulp(v) * (1 + 2**-20) + v.abs() * 2**-23) * scale.double()[:, None]
+    return bool((err <= bound).all())
+
+
 class TestScales:
-    def test_one_power_of_two_per_output_channel_fitting_e4m3(self):
+    def test_one_scale_per_output_channel_mapping_its_amax_to_448(self):
         w = rows_of_many_magnitudes(5, 7)  # [out, in], not square: a scale per input channel has 7 entries
         q, scale = quantize_rows(w)
         assert q.dtype == FP8 and q.shape == (5, 7) and scale.dtype == torch.float32 and scale.shape == (5,)
-        amax = w.double().abs().amax(dim=1)  # [out]
-        ratio = amax / scale.double()
-        assert torch.equal(torch.log2(scale.double()), torch.log2(scale.double()).round())
-        assert (ratio <= 448).all() and (ratio > 224).all(), ratio
+        ratio = w.double().abs().amax(dim=1) / scale.double()  # [out]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, 448.0), rtol=2**-23, atol=0)
 
     def test_square_weight_scales_its_rows_not_its_columns(self):
         w = torch.diag(torch.tensor([1.0, 100.0, 1e-3, 7.0])) + 1e-4  # row i's largest entry is w[i, i]
         _, scale = quantize_rows(w)
         ratio = torch.diagonal(w).double() / scale.double()
-        assert (ratio <= 448).all() and (ratio > 224).all(), ratio
+        torch.testing.assert_close(ratio, torch.full_like(ratio, 448.0), rtol=2**-23, atol=0)
 
     def test_round_trip_within_half_an_e4m3_ulp_per_element(self):
         w = rows_of_many_magnitudes(64, 96)
         q, scale = quantize_rows(w)
-        v = w.double() / scale.double()[:, None]  # exact: scale is a power of two
+        assert within_round_trip_bound(w, q, scale)
         err = (dequant64(q, scale) - w.double()).abs()
-        assert (err <= e4m3_half_ulp(v) * scale.double()[:, None]).all()
         worst = (err.amax(dim=1) / w.double().abs().amax(dim=1)).max().item()
-        print(f"\nround trip: worst error {worst:.4f} of the row's amax (bound 16/224 = {16 / 224:.4f})")
-        assert worst <= 16 / 224
+        print(f"\nround trip: worst error {worst:.4f} of the row's amax (bound: half an ulp at 448, 16/448)")
+        assert worst <= 16 / 448 * (1 + 2**-20)
 
     def test_zero_rows_stay_zero(self):
         w = rows_of_many_magnitudes(4, 16)
         w[1] = 0
         q, scale = quantize_rows(w)
-        assert torch.isfinite(scale).all() and (scale > 0).all()
+        assert scale[1] == 1 and torch.isfinite(scale).all()
         assert torch.equal(dequant64(q, scale)[1], torch.zeros(16, dtype=torch.float64))
-        assert torch.isfinite(dequant64(q, scale)).all()
+        assert within_round_trip_bound(w, q, scale)
 
-    def test_one_huge_entry_keeps_its_own_precision_and_sets_the_row_scale(self):
+    def test_one_huge_entry_is_kept_and_sets_its_row_scale_only(self):
         w = torch.full((2, 8), 0.01)
         w[0, 3] = 1e4
         q, scale = quantize_rows(w)
         back = dequant64(q, scale)
-        assert abs(back[0, 3].item() - 1e4) <= 1e4 * 2**-4  # not saturated at 448 * a too-small scale
-        assert (back[0] - w[0].double()).abs().max() <= e4m3_half_ulp(torch.tensor(448.0)) * scale[0]
-        assert abs(back[1, 0].item() - 0.01) <= 0.01 * 2**-4  # the other row keeps its own scale
+        assert abs(back[0, 3].item() - 1e4) <= 1e4 * 2**-22  # the row's amax, to fp32 precision
+        assert (back[0, :3] == 0).all()  # 0.01 is under e4m3's smallest step at this scale (2^-9 * 1e4 / 448)
+        assert within_round_trip_bound(w, q, scale)
+        assert abs(back[1, 0].item() - 0.01) <= 0.01 * 2**-22  # the other row keeps its own scale
 
 
 class TestFp8Linear:
@@ -94,16 +101,17 @@ class TestFp8Linear:
         x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
         w64 = dequant64(layer.weight_fp8, layer.weight_scale)
         ref = x.double() @ w64.T + lin.bias.double()
-        bound = 96 * 2.0**-24 * (x.double().abs() @ w64.abs().T + lin.bias.double().abs())  # fp32 sums of 96
+        # fp32 rounding: of each dequantized weight (1 unit) and of the sums of 96 products (96 units)
+        bound = 97 * 2.0**-24 * (x.double().abs() @ w64.abs().T + lin.bias.double().abs())
         assert ((layer(x).double() - ref).abs() <= bound).all()
 
-    def test_bf16_dequantized_weight_is_exact(self):
+    def test_bf16_dequantized_weight_is_rounded_once(self):
         lin = torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16)
         lin.weight.data = rows_of_many_magnitudes(40, 96, seed=3)
         layer = Fp8Linear.from_linear(lin, fast=False)
-        w = layer.weight
+        w, w64 = layer.weight, dequant64(layer.weight_fp8, layer.weight_scale)
         assert w.dtype == torch.bfloat16
-        assert torch.equal(w.double(), dequant64(layer.weight_fp8, layer.weight_scale))
+        assert ((w.double() - w64).abs() <= w64.abs() * 2**-8).all()  # half a bf16 ulp (8 significant bits)
 
     def test_stores_only_fp8_weights_scales_and_bias(self):
         layer = Fp8Linear.from_linear(torch.nn.Linear(32, 16).to(torch.bfloat16), fast=False)
@@ -174,16 +182,20 @@ def greedy_ids(model, n):
 
 
 class TestFidelity:
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_tiny_model_against_fp32(self, tiny, dtype):
+    @pytest.mark.parametrize(
+        "dtype, weight_dtype",
+        [(torch.float32, "fp8_e4m3fn"), (torch.bfloat16, "fp8_e4m3fn"), (torch.bfloat16, "bf16")],
+    )  # fmt: skip
+    def test_tiny_model_against_fp32(self, tiny, dtype, weight_dtype):
         ref = load_bagel(tiny, "cpu", torch.float32).model
-        fp8 = load_bagel(tiny, "cpu", dtype, weight_dtype="fp8_e4m3fn").model
+        # the loader refuses fp8_e4m3fn_fast on the CPU (no FP8 tensor cores); torch's CPU _scaled_mm runs it
+        model = quantize_llm_(load_bagel(tiny, "cpu", dtype).model, weight_dtype)
         latent = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
-        v_ref, v = velocity(ref, latent).double(), velocity(fp8, latent).double()
+        v_ref, v = velocity(ref, latent).double(), velocity(model, latent).double()
         err = ((v - v_ref).norm() / v_ref.norm()).item()
-        ids_ref, ids = greedy_ids(ref, 16), greedy_ids(fp8, 16)
+        ids_ref, ids = greedy_ids(ref, 16), greedy_ids(model, 16)
         agree = next((i for i, (a, b) in enumerate(zip(ids, ids_ref)) if a != b), len(ids))
-        print(f"\nfp8_e4m3fn computed in {dtype}: velocity rel. L2 error {err:.4f} against fp32; "
+        print(f"\n{weight_dtype} computed in {dtype}: velocity rel. L2 error {err:.4f} against fp32; "
               f"greedy tokens agree for {agree} of {len(ids)}")  # fmt: skip
         assert err < 0.15  # sanity only: the figure is the measurement
 
@@ -209,10 +221,9 @@ class TestLoad:
             w = f.get_tensor("language_model.model.layers.1.mlp_moe_gen.down_proj.weight")
         layer = model.language_model.model.layers[1].mlp_moe_gen.down_proj
         assert isinstance(layer, Fp8Linear) and layer.weight_fp8.dtype == FP8
-        scale = 2.0 ** torch.ceil(torch.log2(w.double().abs().amax(dim=1) / 448))  # float64 reference
-        assert torch.equal(layer.weight_scale.double(), scale)
-        expected = (w.double() / scale[:, None]).float().to(FP8)
-        assert torch.equal(layer.weight_fp8.view(torch.uint8), expected.view(torch.uint8))
+        scale = w.double().abs().amax(dim=1) / 448  # float64 reference
+        torch.testing.assert_close(layer.weight_scale.double(), scale, rtol=2**-24, atol=0)
+        assert within_round_trip_bound(w, layer.weight_fp8, layer.weight_scale)
         assert model.language_model.lm_head.weight.dtype == torch.bfloat16
 
     def test_fp8_checkpoint_from_the_tool_loads_to_the_same_weights(self, tiny, tmp_path):
@@ -235,7 +246,8 @@ class TestLoad:
         fp8 = load_bagel(tiny, "cpu", torch.float32, weight_dtype="fp8_e4m3fn").model
         layer = fp8.language_model.model.layers[0].mlp.up_proj
         assert isinstance(dense, torch.nn.Linear)
-        assert torch.equal(dense.weight.double(), dequant64(layer.weight_fp8, layer.weight_scale))
+        w64 = dequant64(layer.weight_fp8, layer.weight_scale)
+        assert ((dense.weight.double() - w64).abs() <= w64.abs() * 2**-24).all()  # rounded once to fp32
 
     def test_unknown_weight_dtype_is_refused_naming_the_choices(self, tiny):
         with pytest.raises(ValueError, match="'fp8'; allowed values are bf16, fp8_e4m3fn, fp8_e4m3fn_fast"):
@@ -273,7 +285,7 @@ class TestFastGemm:
         x_fp8, x_scale = quantize_rows(x)
         assert x_scale.shape == (6,)
         ratio = x.double().abs().amax(dim=1) / x_scale.double()
-        assert (ratio <= 448).all() and (ratio > 224).all()
+        torch.testing.assert_close(ratio, torch.full_like(ratio, 448.0), rtol=2**-23, atol=0)
         w_fp8, w_scale = quantize_rows(rows_of_many_magnitudes(40, 96, seed=5))
         bias = torch.randn(40).to(torch.bfloat16)
         # float32 emulation of the FP8 GEMM: fp8 operands upcast exactly, products summed, both scales after
