@@ -184,7 +184,8 @@ def greedy_ids(model, n):
 class TestFidelity:
     @pytest.mark.parametrize(
         "dtype, weight_dtype",
-        [(torch.float32, "fp8_e4m3fn"), (torch.bfloat16, "fp8_e4m3fn"), (torch.bfloat16, "bf16")],
+        [(torch.float32, "fp8_e4m3fn"), (torch.bfloat16, "fp8_e4m3fn"), (torch.bfloat16, "fp8_e4m3fn_fast"),
+         (torch.bfloat16, "bf16")],
     )  # fmt: skip
     def test_tiny_model_against_fp32(self, tiny, dtype, weight_dtype):
         ref = load_bagel(tiny, "cpu", torch.float32).model

@@ -111,7 +111,9 @@ def _project(x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
     """Each expert's Linear on its rows of x [L, Din] (expert order), written straight into one [L, Dout]."""
     out = x.new_empty(x.shape[0], und.out_features)
     for r, lin in rows.parts(und, gen):
-        if lin.bias is None:
+        if not isinstance(lin, nn.Linear):
+            out[r] = lin(x[r])  # a quantized layer (quantize.py) runs its own GEMM
+        elif lin.bias is None:
             torch.mm(x[r], lin.weight.t(), out=out[r])
         else:
             torch.addmm(lin.bias, x[r], lin.weight.t(), out=out[r])  # what F.linear runs, bias fused
@@ -121,6 +123,9 @@ def _project(x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
 def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> None:
     """acc += each expert's Linear of its rows of x, in place (the residual rides in the GEMM's C operand)."""
     for r, lin in rows.parts(und, gen):
+        if not isinstance(lin, nn.Linear):
+            acc[r] += lin(x[r])  # a quantized layer (quantize.py) runs its own GEMM
+            continue
         acc[r].addmm_(x[r], lin.weight.t())
         if lin.bias is not None:
             acc[r].add_(lin.bias)
@@ -235,6 +240,9 @@ class DecoderLayer(nn.Module):
         _add_projection(x, h, rows, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen)  # x += o_proj(h)
         h = _norm(x, rows, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
         for r, mlp in rows.parts(self.mlp, self.mlp_moe_gen):
+            if not isinstance(mlp.down_proj, nn.Linear):
+                x[r] += mlp.down_proj(_swiglu(mlp, h[r]))  # a quantized layer (quantize.py) runs its own GEMM
+                continue
             x[r].addmm_(_swiglu(mlp, h[r]), mlp.down_proj.weight.t())  # x += down_proj(...), no bias
         return x, kv
 
