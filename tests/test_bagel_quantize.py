@@ -1,10 +1,12 @@
-"""FP8 weights: per-output-channel scales, e4m3 round trip, Fp8Linear against float64, loading both layouts."""
+"""FP8 weights: per-output-channel scales, e4m3 round trip, Fp8Linear against float64, loading both layouts, the
+one-pass dequantization kernel under Triton's interpreter (last: the interpreter stays on to the module's end)."""
 
 import importlib.util
 import os
 
 import pytest
 import torch
+from kernel_refs import interpreted_kernels, needs_triton  # noqa: F401
 from safetensors import safe_open
 
 from bagel_vae_pp.bagel.config import CONFIGS
@@ -298,3 +300,21 @@ class TestFastGemm:
         err = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
         print(f"\nfp8 GEMM with per-token activation scales: worst token rel. L2 error {err:.4f} against float64")
         assert err < 2**-4
+
+
+@needs_triton
+class TestDequantKernel:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_every_e4m3_code_times_its_row_scale(self, interp, dtype):
+        dequant = importlib.import_module("bagel_vae_pp.kernels.dequant")  # the interpreted copy
+        codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)  # all but the NaNs
+        q = torch.cat([codes, codes.flip(0), codes[:192]]).repeat(3, 1).view(FP8)  # [3, 700]: rows straddle blocks
+        scale = torch.tensor([1.0, 0.0123, 3e-5])
+        assert dequant.is_available(q.device) and q.numel() > dequant.BLOCK
+        out = dequant.dequantize_rows(q, scale, dtype)
+        ref = q.double() * scale.double()[:, None]  # torch's own e4m3 decoding, exact products
+        assert out.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.equal(out, ref.float())  # rounded once
+        else:  # the interpreter rounds fp32 -> bf16 toward zero: within one bf16 ulp
+            assert ((out.double() - ref).abs() <= ref.abs() * 2**-7).all()

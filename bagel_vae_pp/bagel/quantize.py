@@ -8,12 +8,12 @@ the connector, the latent heads (vae2llm, llm2vae, time embedder) and the positi
 Scales: one per output channel (row of the weight [out, in]), fp32, amax_row / 448 (e4m3's largest value; 1 for
 a zero row): each row's largest entry is kept to fp32 precision, the others to e4m3's, at most half an e4m3 ulp
 off: 2^-4 of the entry (2^-10 * scale below 2^-6 * scale, e4m3's subnormals). The dequantized weight
-`weight_fp8.to(dtype) * scale` is formed in fp32 arithmetic and rounded once to the compute dtype: exact to fp32
-rounding in fp32; in bf16 the rounding adds at most 2^-8 of an entry, a 16th of e4m3's. Power-of-two scales would
-make the bf16 dequantization bit-exact, but would round each row's largest entry too; measured (relative L2 of a
-GEMM's output against float64, 1024 x 3584 weights): the same 2.65% on Gaussian rows, 2.7% instead of 2.5% on
-Student-t(3) rows, 2.2% instead of 0.6% on Student-t(1.5) rows; the tiny model's velocity (8 seeds): 3.7% instead
-of 3.3%.
+`weight_fp8.to(dtype) * scale` (kernels/dequant.py: one pass on GPUs) is formed in fp32 and rounded once to the
+compute dtype: exact to fp32 rounding in fp32; in bf16 the rounding adds at most 2^-8 of an entry, a 16th of
+e4m3's. Power-of-two scales would make the bf16 dequantization bit-exact, but would round each row's largest
+entry too; measured (relative L2 of a GEMM's output against float64, 1024 x 3584 weights): the same 2.65% on
+Gaussian rows, 2.7% instead of 2.5% on Student-t(3) rows, 2.2% instead of 0.6% on Student-t(1.5) rows; the tiny
+model's velocity (8 seeds): 3.7% instead of 3.3%.
 
 FP8 checkpoint layout (tools/quantize_bagel_fp8.py writes it; load_bagel reads it without a bf16 detour): the
 files of a bf16 checkpoint folder, with an ema.safetensors in which every quantized Linear `<name>` holds
@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..kernels.dequant import dequantize_rows
 
 FP8 = torch.float8_e4m3fn
 LAYERS_PREFIX = "language_model.model.layers."  # the decoder layers in ema.safetensors and in Bagel
@@ -54,12 +56,6 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """
     scale = row_scales(t.abs().amax(dim=1))  # [N]
     return (t.float() / scale[:, None]).to(FP8), scale
-
-
-def dequantize(weight_fp8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """weight_fp8 [out, in] * scale[:, None] in `dtype`, one new tensor: the e4m3 values convert exactly, the
-    product is formed in fp32 (the op math of an in-place multiply by an fp32 tensor) and rounded once."""
-    return weight_fp8.to(dtype).mul_(scale[:, None])
 
 
 def fp8_linear(x: Tensor, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -109,7 +105,7 @@ class Fp8Linear(nn.Module):
                 "an fp8_e4m3fn_fast layer has no dense weight: its caller must run the layer (forward) instead of "
                 "reading .weight."
             )
-        return dequantize(self.weight_fp8, self.weight_scale, self.compute_dtype)
+        return dequantize_rows(self.weight_fp8, self.weight_scale, self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fast:
@@ -230,4 +226,4 @@ def read_weights(f, weight_dtype: str, device, dtype: torch.dtype) -> Iterator[t
             yield fp8_key(key), q
             yield scale_key(key), s
         else:
-            yield key, dequantize(q, s, dtype)
+            yield key, dequantize_rows(q, s, dtype)
