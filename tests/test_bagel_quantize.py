@@ -15,6 +15,7 @@ from bagel_vae_pp.bagel.model import EMPTY_CONTEXT, Bagel
 from bagel_vae_pp.bagel.quantize import (
     Fp8Linear,
     check_fp8_gemm,
+    check_weight_dtype,
     fp8_linear,
     quantize_llm_,
     quantize_rows,
@@ -277,6 +278,12 @@ class TestFastRefusal:
         for capability in ((8, 9), (9, 0), (12, 0)):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
             check_fp8_gemm("cuda:0")
+
+    def test_refused_in_another_compute_dtype_than_bf16(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+        check_weight_dtype("fp8_e4m3fn_fast", "cuda:0", torch.bfloat16)
+        with pytest.raises(ValueError, match="fp8_e4m3fn_fast computes in bf16; the model dtype is torch.float32"):
+            check_weight_dtype("fp8_e4m3fn_fast", "cuda:0", torch.float32)
 
 
 class TestFastGemm:

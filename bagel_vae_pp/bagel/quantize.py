@@ -51,11 +51,12 @@ def row_scales(amax: Tensor) -> Tensor:
 def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """t [N, K] -> (float8_e4m3fn [N, K], fp32 scales [N]) with t ~ q * scale[:, None], one scale per row.
 
-    Rows are a weight's output channels or an activation's tokens. The quotient is formed in fp32 (one temporary
-    [N, K]) and rounded to e4m3 (it is at most 448 * (1 + 2^-23): rounds to 448, never saturates).
+    Rows are a weight's output channels or an activation's tokens. The row maxima come from one reduction (no |t|
+    copy); the quotient is formed in fp32 by the division itself (t's dtype promoted to the scale's: one fp32
+    temporary [N, K]) and rounded to e4m3; it is at most 448 * (1 + 2^-23), which rounds to 448: never saturates.
     """
-    scale = row_scales(t.abs().amax(dim=1))  # [N]
-    return (t.float() / scale[:, None]).to(FP8), scale
+    scale = row_scales(torch.linalg.vector_norm(t, float("inf"), dim=1))  # [N]
+    return (t / scale[:, None]).to(FP8), scale
 
 
 def fp8_linear(x: Tensor, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -148,10 +149,16 @@ def check_fp8_gemm(device) -> None:
     )
 
 
-def check_weight_dtype(weight_dtype: str, device, dtype: torch.dtype) -> None:
-    """Raise before any weights are read if `weight_dtype` is unknown or cannot run on `device` in `dtype`."""
+def quantizer(weight_dtype: str):
+    """WEIGHT_DTYPES[weight_dtype], or a ValueError naming the choices."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype is {weight_dtype!r}; allowed values are {', '.join(WEIGHT_DTYPES)}.")
+    return WEIGHT_DTYPES[weight_dtype]
+
+
+def check_weight_dtype(weight_dtype: str, device, dtype: torch.dtype) -> None:
+    """Raise before any weights are read if `weight_dtype` is unknown or cannot run on `device` in `dtype`."""
+    quantizer(weight_dtype)
     if weight_dtype == "fp8_e4m3fn_fast":
         check_fp8_gemm(device)
         if dtype != torch.bfloat16:
@@ -165,9 +172,7 @@ def quantize_llm_(model: nn.Module, weight_dtype: str) -> nn.Module:
     model plus one layer's FP8 copy). On a meta model this builds the empty shells that loading fills. The
     compute dtype is the Linears' dtype. Does not check the device (check_weight_dtype does).
     """
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype is {weight_dtype!r}; allowed values are {', '.join(WEIGHT_DTYPES)}.")
-    quantize = WEIGHT_DTYPES[weight_dtype]
+    quantize = quantizer(weight_dtype)
     if quantize is None:
         return model
     layers = model.get_submodule(LAYERS_PREFIX.rstrip("."))
@@ -213,7 +218,7 @@ def read_weights(f, weight_dtype: str, device, dtype: torch.dtype) -> Iterator[t
     read); with "bf16" from an FP8 file, dequantized to `dtype`. Everything else goes to `dtype`.
     """
     keys = list(f.keys())
-    stored_fp8, quantized = is_fp8_checkpoint(keys), WEIGHT_DTYPES[weight_dtype] is not None
+    stored_fp8, quantized = is_fp8_checkpoint(keys), quantizer(weight_dtype) is not None
     for key in keys:
         if key.endswith(".weight_scale"):
             continue  # read with its weight
