@@ -168,8 +168,8 @@ def check_weight_dtype(weight_dtype: str, device, dtype: torch.dtype) -> None:
 def quantize_llm_(model: nn.Module, weight_dtype: str) -> nn.Module:
     """Swap every Linear of the decoder layers (both experts) for its `weight_dtype` form, in place; returns model.
 
-    Each layer's weight is quantized, then its Linear dropped, one at a time (on a bf16 model the peak is the
-    model plus one layer's FP8 copy). On a meta model this builds the empty shells that loading fills. The
+    One Linear at a time is quantized and dropped, so memory only falls from the bf16 model's (plus one layer's
+    fp32 quotient while it is quantized). On a meta model this builds the empty shells that loading fills. The
     compute dtype is the Linears' dtype. Does not check the device (check_weight_dtype does).
     """
     quantize = quantizer(weight_dtype)
