@@ -3,6 +3,7 @@
     python bench/bench_bagel.py                          # 7b-mot, bf16, 1024x1024, 50 steps, app defaults, cuda:0
     python bench/bench_bagel.py --devices cuda:0,cuda:1  # CFG-parallel: each guidance pass on its own GPU
     python bench/bench_bagel.py --config tiny --devices cpu --size 64 --steps 4 --dtype fp32   # CPU check
+    python bench/bench_bagel.py --weight-dtype fp8_e4m3fn   # decoder-layer Linears in FP8 (bagel/quantize.py)
 
 Reports wall time of one generation (after a short warm-up run), model passes, and peak memory per GPU.
 The prompt is a fixed block of `--prompt-tokens` token ids (content does not change the cost).
@@ -26,6 +27,7 @@ from bagel_vae_pp.bagel.config import CONFIGS  # noqa: E402
 from bagel_vae_pp.bagel.loader import DTYPES  # noqa: E402
 from bagel_vae_pp.bagel.model import Bagel, Context  # noqa: E402
 from bagel_vae_pp.bagel.pipeline import sequential_passes, text_to_image  # noqa: E402
+from bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES, check_weight_dtype, quantize_llm_  # noqa: E402
 from bagel_vae_pp.bagel.sampler import GuidanceOptions  # noqa: E402
 from bagel_vae_pp.bagel.tokenizer import SpecialTokens  # noqa: E402
 
@@ -71,10 +73,22 @@ class ParallelPasses:
         return [f.result().to(self.models[0].device) for f in futures]
 
 
-def build_models(config: str, devices: list[str], dtype: torch.dtype, seed: int) -> list[Bagel]:
+def build_models(config: str, devices: list[str], dtype: torch.dtype, weight_dtype: str, seed: int) -> list[Bagel]:
+    """Random-weight models, one per device; with an FP8 weight dtype the bf16 model is built whole, then its
+    decoder Linears are quantized one by one (the build peaks at the bf16 size; timed peaks come after)."""
     from bagel_vae_pp.bagel.tiny import random_bagel
 
-    return [random_bagel(CONFIGS[config], seed, device=d, dtype=dtype) for d in devices]
+    models = []
+    for d in devices:
+        check_weight_dtype(weight_dtype, d, dtype)
+        models.append(quantize_llm_(random_bagel(CONFIGS[config], seed, device=d, dtype=dtype), weight_dtype))
+        if d.startswith("cuda"):
+            torch.cuda.empty_cache()  # hand back the freed bf16 weights' blocks
+    return models
+
+
+def parameter_gib(model: Bagel) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
 
 
 def synchronize(devices: list[str]) -> None:
@@ -110,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="7b-mot", help="named model size")
     parser.add_argument("--devices", default="cuda:0", help="comma list; two or more = CFG-parallel replicas")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16",
+                        help="storage of the decoder-layer Linears (bf16 = --dtype)")  # fmt: skip
     parser.add_argument("--size", type=int, default=1024, help="square image side in pixels (multiple of 16)")
     parser.add_argument("--steps", type=int, default=50, help="num_timesteps (steps - 1 evaluations)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run (0: none)")
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args.devices = [d.strip() for d in args.devices.split(",")]
     options = GuidanceOptions(args.steps, 3.0, args.cfg_text_scale, args.cfg_img_scale, tuple(args.cfg_interval),
                               args.renorm, 0.0)  # fmt: skip
-    models = build_models(args.config, args.devices, DTYPES[args.dtype], seed=0)
+    models = build_models(args.config, args.devices, DTYPES[args.dtype], args.weight_dtype, seed=0)
     tokenizer = SyntheticTokenizer(args.prompt_tokens)
     if args.warmup_steps:
         generate(models, tokenizer, args, options, max(2, args.warmup_steps))
@@ -132,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.reset_peak_memory_stats(d)
     seconds, passes = generate(models, tokenizer, args, options, args.steps)
     result = {
-        "config": args.config, "devices": args.devices, "dtype": args.dtype, "size": args.size, "steps": args.steps,
+        "config": args.config, "devices": args.devices, "dtype": args.dtype, "weight_dtype": args.weight_dtype,
+        "parameter_gib": round(parameter_gib(models[0]), 2), "size": args.size, "steps": args.steps,
         "cfg": [args.cfg_text_scale, args.cfg_img_scale, list(args.cfg_interval), args.renorm],
         "seconds": round(seconds, 3), "passes": passes, "ms_per_pass": round(1000 * seconds / passes, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in args.devices

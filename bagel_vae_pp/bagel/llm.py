@@ -115,7 +115,9 @@ def _project(x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
     """Each expert's Linear on its rows of x [L, Din] (expert order), written straight into one [L, Dout]."""
     out = x.new_empty(x.shape[0], und.out_features)
     for r, lin in rows.parts(und, gen):
-        if lin.bias is None:
+        if not isinstance(lin, nn.Linear):
+            out[r] = lin(x[r])  # a quantized layer (quantize.py) runs its own GEMM
+        elif lin.bias is None:
             torch.mm(x[r], lin.weight.t(), out=out[r])
         else:
             torch.addmm(lin.bias, x[r], lin.weight.t(), out=out[r])  # what F.linear runs, bias fused
@@ -133,6 +135,9 @@ def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn
         acc += reduce(_project(x, rows, und, gen))
         return
     for r, lin in rows.parts(und, gen):
+        if not isinstance(lin, nn.Linear):
+            acc[r] += lin(x[r])  # a quantized layer (quantize.py) runs its own GEMM
+            continue
         acc[r].addmm_(x[r], lin.weight.t())
         if lin.bias is not None:
             acc[r].add_(lin.bias)
@@ -142,10 +147,16 @@ def _add_mlp(x: Tensor, h: Tensor, rows: _Rows, und: MLP, gen: MLP, reduce: Redu
     """x += each expert's MLP of its rows of h, in place; with `reduce`, as _add_projection (down_proj has no bias)."""
     if reduce is None:
         for r, mlp in rows.parts(und, gen):
+            if not isinstance(mlp.down_proj, nn.Linear):
+                x[r] += mlp.down_proj(_swiglu(mlp, h[r]))  # a quantized layer (quantize.py) runs its own GEMM
+                continue
             x[r].addmm_(_swiglu(mlp, h[r]), mlp.down_proj.weight.t())  # the residual in the GEMM's C operand
         return
     out = torch.empty_like(x)  # [L, D] this rank's partial sums, both experts' rows
     for r, mlp in rows.parts(und, gen):
+        if not isinstance(mlp.down_proj, nn.Linear):
+            out[r] = mlp.down_proj(_swiglu(mlp, h[r]))  # a quantized layer (quantize.py) runs its own GEMM
+            continue
         torch.mm(_swiglu(mlp, h[r]), mlp.down_proj.weight.t(), out=out[r])
     x += reduce(out)
 

@@ -5,6 +5,8 @@ A folder holds `llm_config.json`, `vit_config.json`, `ema.safetensors` (all of B
 device; each tensor is read from safetensors straight to its device and dtype and assigned
 (`load_state_dict(strict=True, assign=True)`), after a key and shape check that names what differs.
 `max_latent_size` and the ViT table side come from the position-table shapes, not from config.json.
+With a weight dtype other than "bf16" the decoder-layer Linears are stored in FP8 (quantize.py): quantized
+as they are read from a bf16 file, or read as they are from an FP8 checkpoint (tools/quantize_bagel_fp8.py).
 Hosts whose VAE class builds only the released widths (ComfyUI's) ask for those to be checked first.
 """
 
@@ -28,6 +30,7 @@ from ..autoencoder import (
 )
 from .config import BagelParams, LLMConfig, ViTConfig
 from .model import Bagel
+from .quantize import check_weight_dtype, is_fp8_checkpoint, quantize_llm_, read_weights, stored_layout
 from .tokenizer import BagelTokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "tokenizer.json")
@@ -145,19 +148,26 @@ def check_keys(expected: dict, found: dict, what: str) -> None:
             raise ValueError(f"{what}: {key} has shape {tuple(found[key])}, the configs expect {tuple(tensor.shape)}.")
 
 
-def load_bagel_model(ema_path: str, params: BagelParams, device, dtype: torch.dtype) -> Bagel:
+def load_bagel_model(
+    ema_path: str, params: BagelParams, device, dtype: torch.dtype, weight_dtype: str = "bf16"
+) -> Bagel:
     with torch.device("meta"):
-        model = Bagel(params)
-    expected = model.state_dict()
+        model = Bagel(params).to(dtype)  # the Linears' dtype is the quantized layers' compute dtype
     with safe_open(ema_path, framework="pt") as f:
-        check_keys(expected, {k: f.get_slice(k).get_shape() for k in f.keys()}, ema_path)
-        sd = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}  # one tensor in flight
+        found = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        check_keys(stored_layout(model.state_dict(), is_fp8_checkpoint(found)), found, ema_path)
+        quantize_llm_(model, weight_dtype)  # empty FP8 shells on meta
+        sd = dict(read_weights(f, weight_dtype, device, dtype))  # one tensor in flight
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
 def load_bagel(
-    folder: str, device="cpu", dtype: torch.dtype | str = torch.bfloat16, released_vae_only: bool = False
+    folder: str,
+    device="cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    released_vae_only: bool = False,
+    weight_dtype: str = "bf16",
 ) -> LoadedBagel:
     """Load a BAGEL checkpoint folder.
 
@@ -168,11 +178,15 @@ def load_bagel(
             DTYPES name; the VAE stays fp32.
         released_vae_only: refuse, before reading any weights, an ae.safetensors whose widths are not the
             released model's (for a host that builds its own VAE object from the file, as ComfyUI does).
+        weight_dtype: storage of the language model's decoder-layer Linears (quantize.WEIGHT_DTYPES): "bf16" =
+            `dtype`; "fp8_e4m3fn" = FP8 with per-channel scales, computed in `dtype`; "fp8_e4m3fn_fast" = FP8
+            GEMMs (bf16, GPUs of compute capability 8.9 or newer). Either file layout loads with any of them.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype is {dtype!r}; allowed values are {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
+    check_weight_dtype(weight_dtype, device, dtype)
     if not is_bagel_folder(folder):
         resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
     if released_vae_only:
@@ -181,5 +195,5 @@ def load_bagel(
     vae = autoencoder_from_state_dict(vae_sd, device, torch.float32)
     ema_path = os.path.join(folder, "ema.safetensors")
     params = read_params(folder, ema_path, vae.params)
-    model = load_bagel_model(ema_path, params, device, dtype)
+    model = load_bagel_model(ema_path, params, device, dtype, weight_dtype)
     return LoadedBagel(model, BagelTokenizer.from_folder(folder), vae, vae_sd, folder)
