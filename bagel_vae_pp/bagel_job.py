@@ -124,9 +124,16 @@ class PoolBagel:
             self.call("release")
 
 
-def load_on_pool(pool, folder: str, dtype: str, released_vae_only: bool = False, interrupt=None) -> LoadedBagel:
+def load_on_pool(
+    pool, folder: str, dtype: str, released_vae_only: bool = False, interrupt=None, weight_dtype: str = "bf16"
+) -> LoadedBagel:
     """BAGEL held by `pool`'s workers, all of them one tensor-parallel group; this process keeps the tokenizer and
     the autoencoder (fp32, CPU: the edit's conditioning encode). Arguments as loader.load_bagel's."""
+    if weight_dtype != "bf16":  # tp.shard_ slices parameters; FP8 weights are buffers with per-row scales
+        raise ValueError(
+            f"weight_dtype {weight_dtype} does not run on a worker pool yet (its split does not slice FP8 weights); "
+            "use bf16 with a pool, or load without a pool for FP8."
+        )
     if not is_bagel_folder(folder):
         resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
     if released_vae_only:

@@ -122,6 +122,24 @@ T2I = ["text-to-image", "{folder}", "--prompt", "x", "--dtype", "fp32"]
 EDIT = ["edit", "{folder}", "--prompt", "x", "--dtype", "fp32"]
 
 
+class TestWeightDtype:
+    def test_fp8_storage_is_the_pipeline_on_the_fp8_model(self, folder, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        assert bagel("text-to-image", folder, "--prompt", "the cat", "--seed", 7, "--width", 32, "--height", 32,
+                     "--steps", 4, "--dtype", "fp32", "--weight-dtype", "fp8_e4m3fn",
+                     "--latent", "cat.safetensors") == 0  # fmt: skip
+        fp8 = load_bagel(folder, "cpu", torch.float32, weight_dtype="fp8_e4m3fn")
+        expected, _ = text_to_image(fp8.model, fp8.tokenizer, "the cat", 32, 32, 7,
+                                    replace(APP_TEXT_TO_IMAGE, num_timesteps=4))  # fmt: skip
+        torch.testing.assert_close(load_file(tmp_path / "cat.safetensors")["samples"], expected, atol=1e-6, rtol=0)
+
+    def test_fp8_gemms_are_refused_without_fp8_tensor_cores(self, folder, tmp_path, monkeypatch, capsys):
+        monkeypatch.chdir(tmp_path)
+        assert bagel("text-to-image", folder, "--prompt", "x", "--weight-dtype", "fp8_e4m3fn_fast") == 2
+        err = capsys.readouterr().err
+        assert "fp8_e4m3fn_fast needs FP8 tensor cores" in err and err.count("\n") == 1, err
+
+
 class TestOnThePool:
     def test_text_to_image_on_2_workers_is_the_in_process_result(self, folder, reference, tmp_path, monkeypatch):
         """BAGEL split over a pool of 2 CPU workers (tensor parallel); the PNG decoded through the same pool."""

@@ -107,7 +107,7 @@ def nodes(host):
 
 @pytest.fixture(scope="module")
 def loaded(nodes):
-    return nodes.BagelModelLoader().execute("tiny-bagel", "fp32")
+    return nodes.BagelModelLoader().execute("tiny-bagel", "fp32", "bf16")
 
 
 def edit_inputs(image, **changes):
@@ -217,12 +217,33 @@ class TestRun:
         assert isinstance(text, str) and text
 
 
+class TestWeightDtype:
+    def test_fp8_storage_loads_quantized_layers_and_draws(self, nodes, loaded):
+        from bagel_vae_pp.bagel.quantize import Fp8Linear
+
+        fp8 = nodes.BagelModelLoader().execute("tiny-bagel", "fp32", "fp8_e4m3fn")
+        layer = fp8[0].loaded.model.language_model.model.layers[0]
+        assert type(layer.mlp.down_proj).__name__ == Fp8Linear.__name__  # the pack's own copy of the class
+        got, _ = nodes.BagelTextToImage().execute(fp8[0], **text_to_image_inputs())
+        want, _ = nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs())
+        rel = ((got["samples"] - want["samples"]).norm() / want["samples"].norm()).item()
+        print(f"\nfp8_e4m3fn vs fp32 weights, tiny checkpoint, final latent rel L2: {rel:.3e}")
+        assert 0 < rel < 0.5
+
+    def test_fp8_on_a_pool_is_refused_in_one_line(self, nodes):
+        pools = sys.modules[f"{PACK}.bagel_vae_pp.pool"]
+        with pytest.raises(ValueError, match="weight_dtype fp8_e4m3fn does not run on a worker pool yet"):
+            nodes.BagelModelLoader().execute("tiny-bagel", "fp32", "fp8_e4m3fn", pools.PoolSpec.parse("cpu:2", "fp32"))
+
+
 class TestOnAPool:
     def test_a_loader_with_a_pool_gives_the_in_process_latent_and_text(self, nodes, loaded, host):
         """BAGEL split over 2 CPU workers (tensor parallel), outside ComfyUI's model management."""
         pools = sys.modules[f"{PACK}.bagel_vae_pp.pool"]
         try:
-            on_pool = nodes.BagelModelLoader().execute("tiny-bagel", "fp32", pools.PoolSpec.parse("cpu:2", "fp32"))
+            on_pool = nodes.BagelModelLoader().execute(
+                "tiny-bagel", "fp32", "bf16", pools.PoolSpec.parse("cpu:2", "fp32")
+            )
             before = len(host.loads)
             want, _ = nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs())
             got, _ = nodes.BagelTextToImage().execute(on_pool[0], **text_to_image_inputs())
@@ -242,4 +263,4 @@ def test_loader_refuses_a_vae_comfyui_cannot_build_before_its_vae_class_sees_it(
     monkeypatch.setattr(host, "root", str(tmp_path))
     monkeypatch.setattr(sys.modules["comfy.sd"], "VAE", lambda sd: pytest.fail("ComfyUI's VAE class was called"))
     with pytest.raises(ValueError, match=r"narrow/ae.safetensors: the autoencoder is 32 channels wide .* 128 wide"):
-        nodes.BagelModelLoader().execute("narrow", "fp32")
+        nodes.BagelModelLoader().execute("narrow", "fp32", "bf16")

@@ -34,6 +34,7 @@ from .pipeline import (
     text_to_image,
     understand_image,
 )
+from .quantize import WEIGHT_DTYPES
 from .sampler import DEFAULT_GUIDANCE, RENORM_TYPES, GuidanceOptions
 
 IN_PROCESS = "in-process"
@@ -64,10 +65,10 @@ class OneLineParser(argparse.ArgumentParser):
 class InProcessRunner:
     """BAGEL loaded whole on one device of this process (the first GPU, else the CPU), as the nodes run it."""
 
-    def __init__(self, folder: str, dtype: str):
+    def __init__(self, folder: str, dtype: str, weight_dtype: str):
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         try:
-            self.loaded = load_bagel(folder, device, dtype)
+            self.loaded = load_bagel(folder, device, dtype, weight_dtype=weight_dtype)
         except (ValueError, SafetensorError, OSError) as e:
             raise UsageError(f"MODEL_DIR {folder!r}: {e}") from e
 
@@ -109,13 +110,13 @@ class PoolRunner(InProcessRunner):
     keeps the tokenizer and the autoencoder (fp32, CPU) for the edit's conditioning encode; the final latent is
     decoded through the same pool."""
 
-    def __init__(self, folder: str, dtype: str, devices: str):
+    def __init__(self, folder: str, dtype: str, weight_dtype: str, devices: str):
         from ..bagel_job import load_on_pool
         from ..pool import PoolSpec, get_pool
 
         try:
             self.pool = get_pool(PoolSpec.parse(devices, dtype))
-            self.loaded = load_on_pool(self.pool, folder, self.pool.spec.dtype)
+            self.loaded = load_on_pool(self.pool, folder, self.pool.spec.dtype, weight_dtype=weight_dtype)
         except (ValueError, SafetensorError, OSError) as e:
             raise UsageError(f"MODEL_DIR {folder!r} / --devices {devices}: {e}") from e
 
@@ -131,7 +132,7 @@ class PoolRunner(InProcessRunner):
 
 
 def runner_for(devices: str):
-    """The runner for a --devices value: called as runner(folder, dtype), it loads the checkpoint."""
+    """The runner for a --devices value: called as runner(folder, dtype, weight_dtype), it loads the checkpoint."""
     if devices == IN_PROCESS:
         return InProcessRunner
     try:
@@ -249,7 +250,7 @@ def run_bagel(args) -> int:
     try:
         runner_class = runner_for(args.devices)
         image = check_inputs(args)
-        MODES[args.mode](runner_class(args.model_dir, args.dtype), args, image)
+        MODES[args.mode](runner_class(args.model_dir, args.dtype, args.weight_dtype), args, image)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -273,6 +274,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the text BAGEL follows (no chat template)")
     p.add_argument("--seed", type=seed_value, default=0, help="seeds the CPU generator (official draw order)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights and compute; the VAE stays fp32")
+    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16",
+                   help="storage of the language model's layers: bf16, fp8_e4m3fn (computed in --dtype), "
+                   "fp8_e4m3fn_fast (FP8 GEMMs: bf16, GPUs of compute capability 8.9+)")  # fmt: skip
     where = (
         f"{IN_PROCESS}: the first GPU, else the CPU; cpu:N, all or GPU ids 0,1,...: a worker pool, BAGEL split "
         "over its workers (tensor parallel)"

@@ -168,6 +168,7 @@ def load_bagel(
     dtype: torch.dtype | str = torch.bfloat16,
     released_vae_only: bool = False,
     weight_dtype: str = "bf16",
+    compute_device=None,
 ) -> LoadedBagel:
     """Load a BAGEL checkpoint folder.
 
@@ -181,12 +182,13 @@ def load_bagel(
         weight_dtype: storage of the language model's decoder-layer Linears (quantize.WEIGHT_DTYPES): "bf16" =
             `dtype`; "fp8_e4m3fn" = FP8 with per-channel scales, computed in `dtype`; "fp8_e4m3fn_fast" = FP8
             GEMMs (bf16, GPUs of compute capability 8.9 or newer). Either file layout loads with any of them.
+        compute_device: where the model will run, if not `device` (a host that keeps it offloaded until use).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype is {dtype!r}; allowed values are {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
-    check_weight_dtype(weight_dtype, device, dtype)
+    check_weight_dtype(weight_dtype, compute_device or device, dtype)
     if not is_bagel_folder(folder):
         resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
     if released_vae_only:

@@ -143,7 +143,7 @@ def check_fp8_gemm(device) -> None:
         has = f"{device} ({torch.cuda.get_device_name(device)}) has compute capability {cap[0]}.{cap[1]}"
     else:
         has = f"{device} has no compute capability (not a CUDA GPU)"
-    raise RuntimeError(
+    raise ValueError(
         f"weight dtype fp8_e4m3fn_fast needs {need}; {has}. Use fp8_e4m3fn (FP8 storage, bf16 compute), which "
         "runs on any device."
     )
