@@ -189,17 +189,17 @@ class BagelModelLoader:
                       "models/bagel, e.g. BAGEL-7B-MoT downloaded from ByteDance-Seed/BAGEL-7B-MoT."}),
             "dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Weights and compute: bf16 (29 GB) on GPUs; "
                       "fp32 for exact comparisons. The VAE always stays fp32."}),
+        }, "optional": {  # optional: prompts saved before these inputs existed still validate
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16", "tooltip": "Storage of the language "
                              "model's layers: bf16 (27 GiB of parameters); fp8_e4m3fn (15 GiB, FP8 with a scale per "
                              "channel, computed in the dtype above, any GPU); fp8_e4m3fn_fast (FP8 matrix products, "
                              "bf16 only, GPUs of compute capability 8.9 or newer: RTX 40xx, H100)."}),
-        }, "optional": {
             "pool": ("VAE_POOL", {"tooltip": "Run BAGEL in these workers, split over all of them (tensor "
                      "parallel: 2 GPUs hold about 15 GiB each, 4 about 9). Unconnected: ComfyUI's own GPU, "
                      "the whole model on it."}),
         }}  # fmt: skip
 
-    def execute(self, model, dtype, weight_dtype, pool=None):
+    def execute(self, model, dtype, weight_dtype="bf16", pool=None):
         folder = resolve_folder(host.bagel_model_dirs(), model)
         if pool is not None:  # ComfyUI's VAE object needs the released widths (released_vae_only)
             loaded = load_on_pool(get_pool(pool), folder, dtype, True, host.throw_if_interrupted, weight_dtype)
