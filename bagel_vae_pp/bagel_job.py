@@ -11,7 +11,6 @@ Each operation is one pool job: Cancel (the interrupt or ComfyUI's progress bar)
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -25,12 +24,10 @@ from .autoencoder import autoencoder_from_state_dict
 from .bagel.config import BagelParams
 from .bagel.loader import (
     LoadedBagel,
+    check_folder,
     check_released_vae_widths,
     find_vae_file,
-    is_bagel_folder,
-    read_params,
-    read_vae_params,
-    resolve_folder,
+    read_folder_params,
 )
 from .bagel.pipeline import ImageInput
 from .bagel.tokenizer import BagelTokenizer, SpecialTokens
@@ -56,12 +53,9 @@ class PoolBagel:
     def __init__(self, pool, folder: str, special: SpecialTokens, dtype: str, tp: int = 1, interrupt=None):
         if not 1 <= tp <= len(pool.spec.devices):
             raise ValueError(f"tp is {tp}; the pool has {len(pool.spec.devices)} worker(s): use 1 to that many.")
-        if not is_bagel_folder(folder):
-            resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+        check_folder(folder)
         self.pool, self.folder, self.special, self.dtype, self.tp = pool, folder, special, dtype, tp
-        self.params: BagelParams = read_params(
-            folder, os.path.join(folder, "ema.safetensors"), read_vae_params(find_vae_file(folder))
-        )
+        self.params: BagelParams = read_folder_params(folder)
         self.interrupt = interrupt
         self.ids = 0
         self.dropped: deque[int] = deque()  # handles the host let go of since the last operation (appended by GC)
@@ -134,8 +128,7 @@ def load_on_pool(
             f"weight_dtype {weight_dtype} does not run on a worker pool yet (its split does not slice FP8 weights); "
             "use bf16 with a pool, or load without a pool for FP8."
         )
-    if not is_bagel_folder(folder):
-        resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+    check_folder(folder)
     if released_vae_only:
         check_released_vae_widths(find_vae_file(folder))
     tokenizer = BagelTokenizer.from_folder(folder)

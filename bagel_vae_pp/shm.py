@@ -76,6 +76,11 @@ def remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_dirs(paths: list[str]) -> None:
+    for path in paths:
+        remove_dir(path)
+
+
 def free_bytes(folder: str) -> int:
     stat = os.statvfs(folder)
     return stat.f_bavail * stat.f_frsize

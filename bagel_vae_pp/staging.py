@@ -58,8 +58,7 @@ class Staging:
         return [d for d in (self.shm_dir, self.disk_dir) if d]
 
     def close(self) -> None:
-        for folder in self.dirs:
-            shm.remove_dir(folder)
+        shm.remove_dirs(self.dirs)
         self.input, self.released = None, []
 
     def place(self, nbytes: int, name: str) -> str:
@@ -71,7 +70,7 @@ class Staging:
                 log.warning(
                     "bagel_vae_pp: /dev/shm has %s MiB free, too little for %s (%s MiB); staging it and what else "
                     "does not fit there in %s (slower). Docker: --shm-size=8g gives the pool room in memory.",
-                    _mib(room(SHM_BASE) if shm_base() else 0), name, _mib(nbytes), self.disk_dir,
+                    _mib(room(self.shm_dir)), name, _mib(nbytes), self.disk_dir,
                 )  # fmt: skip
                 self.said_disk = True
             return self.disk_dir

@@ -41,8 +41,7 @@ CLEANUP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def remove_and_exit(dirs: list[str], code: int) -> None:
-    for folder in dirs:
-        shm.remove_dir(folder)
+    shm.remove_dirs(dirs)
     os._exit(code)
 
 
@@ -218,8 +217,7 @@ def main() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     if host_gone:  # a host that was killed cannot clean up; one that shut down already did
-        for folder in cfg["dirs"]:
-            shm.remove_dir(folder)
+        shm.remove_dirs(cfg["dirs"])
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ def is_bagel_folder(folder: str) -> bool:
     return files_ok and find_vae_file(folder) is not None
 
 
+def check_folder(folder: str) -> None:
+    """Raise, naming the files that are missing, unless `folder` holds a complete BAGEL checkpoint."""
+    if not is_bagel_folder(folder):
+        resolve_folder([os.path.dirname(folder)], os.path.basename(folder))
+
+
 def list_bagel_folders(roots: list[str]) -> list[str]:
     """Sub-folders (one or two levels deep) of the roots that hold a complete BAGEL checkpoint, sorted."""
     found = set()
@@ -134,6 +140,11 @@ def read_params(folder: str, ema_path: str, vae_params) -> BagelParams:
     )
 
 
+def read_folder_params(folder: str) -> BagelParams:
+    """A checkpoint folder's sizes from its json configs and safetensors headers alone (no weights read)."""
+    return read_params(folder, os.path.join(folder, "ema.safetensors"), read_vae_params(find_vae_file(folder)))
+
+
 def check_keys(expected: dict, found: dict, what: str) -> None:
     """Raise naming counts and first keys if key sets differ, or the first tensor whose shape differs."""
     missing, unexpected = set(expected) - set(found), set(found) - set(expected)
@@ -189,8 +200,7 @@ def load_bagel(
             raise ValueError(f"dtype is {dtype!r}; allowed values are {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
     check_weight_dtype(weight_dtype, compute_device or device, dtype)
-    if not is_bagel_folder(folder):
-        resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+    check_folder(folder)
     if released_vae_only:
         check_released_vae_widths(find_vae_file(folder))
     vae_sd = load_file(find_vae_file(folder))

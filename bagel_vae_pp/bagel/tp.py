@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .config import BagelParams, LLMConfig
 from .llm import Qwen2MoTForCausalLM
-from .loader import check_keys, find_vae_file, is_bagel_folder, read_params, read_vae_params, resolve_folder
+from .loader import check_folder, check_keys, read_folder_params
 from .model import Bagel
 
 MLP_UNIT = 64  # MLP rows per rank come in multiples of this when the size has enough of them (18944 = 296 x 64)
@@ -174,10 +174,9 @@ def load_bagel_shard(
     """
     if world > 1 and group is None:
         raise ValueError(f"a shard of a {world}-rank tensor-parallel group needs the group's process group.")
-    if not is_bagel_folder(folder):
-        resolve_folder([os.path.dirname(folder)], os.path.basename(folder))  # raises, naming what is needed
+    check_folder(folder)
     ema_path = os.path.join(folder, "ema.safetensors")
-    params = read_params(folder, ema_path, read_vae_params(find_vae_file(folder)))
+    params = read_folder_params(folder)
     plan = shard_plan(params.llm, rank, world)
     with torch.device("meta"):
         model = Bagel(params)
