@@ -23,6 +23,7 @@ from torch import Tensor
 from .autoencoder import autoencoder_from_state_dict
 from .bagel.config import BagelParams
 from .bagel.loader import (
+    DTYPES,
     LoadedBagel,
     check_folder,
     check_released_vae_widths,
@@ -30,9 +31,12 @@ from .bagel.loader import (
     read_folder_params,
 )
 from .bagel.pipeline import ImageInput
+from .bagel.split import Split, choose_split, parse_split
 from .bagel.tokenizer import BagelTokenizer, SpecialTokens
+from .bagel.tp import shard_nbytes
 
 LOAD_TIMEOUT_S = 600.0  # 29 GB of weights from disk on first use
+ONE_WORKER = Split(1, 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,16 +49,17 @@ def array(t: Tensor | None) -> np.ndarray | None:
 
 
 class PoolBagel:
-    """BAGEL held by a pool's workers: the first `tp` workers as a tensor-parallel group (1: worker 0 alone)."""
+    """BAGEL held by a pool's workers as `split.groups` tensor-parallel groups of `split.tp` workers each."""
 
     empty_context = RemoteContext(0)
     device = torch.device("cpu")  # where the sampler keeps its latent between steps
 
-    def __init__(self, pool, folder: str, special: SpecialTokens, dtype: str, tp: int = 1, interrupt=None):
-        if not 1 <= tp <= len(pool.spec.devices):
-            raise ValueError(f"tp is {tp}; the pool has {len(pool.spec.devices)} worker(s): use 1 to that many.")
+    def __init__(self, pool, folder: str, special: SpecialTokens, dtype: str, split: Split = ONE_WORKER,
+                 interrupt=None):  # fmt: skip
+        if split.workers > len(pool.spec.devices):
+            raise ValueError(f"split: {split} needs {split.workers} workers; the pool has {len(pool.spec.devices)}.")
         check_folder(folder)
-        self.pool, self.folder, self.special, self.dtype, self.tp = pool, folder, special, dtype, tp
+        self.pool, self.folder, self.special, self.dtype, self.split = pool, folder, special, dtype, split
         self.params: BagelParams = read_folder_params(folder)
         self.interrupt = interrupt
         self.ids = 0
@@ -62,23 +67,24 @@ class PoolBagel:
 
     def load(self) -> None:
         """Have the workers load the checkpoint unless they hold it already (a VAE job does not unload it)."""
-        key = (self.folder, self.dtype, self.tp)
+        key = (self.folder, self.dtype, self.split)
         if self.pool.is_running and self.pool.holding.get("bagel") == key:
             return
         special = self.special
-        msg = {"op": "bagel_load", "folder": self.folder, "dtype": self.dtype, "tp": self.tp,
-               "special": [special.bos, special.eos, special.start_of_image, special.end_of_image]}  # fmt: skip
+        msg = {"op": "bagel_load", "folder": self.folder, "dtype": self.dtype, "groups": self.split.groups,
+               "tp": self.split.tp, "special": [special.bos, special.eos, special.start_of_image,
+                                                special.end_of_image]}  # fmt: skip
         self.pool.holding.pop("bagel", None)
         self.pool.call(msg, "loading BAGEL", LOAD_TIMEOUT_S, self.interrupt)
         self.pool.holding["bagel"] = key
 
-    def call(self, what: str, **fields) -> dict:
-        """One operation on the workers, loading the checkpoint first where the pool (re)started without it."""
+    def call(self, what: str, **fields) -> list[dict]:
+        """One operation on the workers, loading the checkpoint first where the pool (re)started without it; every
+        worker's reply (rank 0 answers for all but velocities)."""
         self.load()
         drop = [self.dropped.popleft() for _ in range(len(self.dropped))]
-        replies = self.pool.call({"op": "bagel", "bagel_op": what, "drop": drop, **fields}, f"BAGEL {what}",
-                                 self.pool.spec.timeout_s, self.interrupt)  # fmt: skip
-        return replies[0]
+        return self.pool.call({"op": "bagel", "bagel_op": what, "drop": drop, **fields}, f"BAGEL {what}",
+                              self.pool.spec.timeout_s, self.interrupt)  # fmt: skip
 
     def new_context(self) -> RemoteContext:
         self.ids += 1
@@ -99,13 +105,14 @@ class PoolBagel:
         return out
 
     def velocities(self, contexts: list[RemoteContext], x_t: Tensor, t: float, position_ids: Tensor) -> list[Tensor]:
-        reply = self.call("velocities", ctxs=[c.id for c in contexts], x_t=array(x_t), t=t,
-                          position_ids=array(position_ids))  # fmt: skip
-        return [torch.from_numpy(v) for v in reply["velocities"]]
+        replies = self.call("velocities", ctxs=[c.id for c in contexts], x_t=array(x_t), t=t,
+                            position_ids=array(position_ids))  # fmt: skip
+        by_pass = {i: v for r in replies for i, v in r.get("velocities", {}).items()}  # each group's passes
+        return [torch.from_numpy(by_pass[i]) for i in range(len(contexts))]
 
     def next_token_logits(self, ctx: RemoteContext, token: int) -> tuple[Tensor, RemoteContext]:
         out = self.new_context()
-        reply = self.call("next_token", ctx=ctx.id, out=out.id, token=int(token))
+        reply = self.call("next_token", ctx=ctx.id, out=out.id, token=int(token))[0]
         return torch.from_numpy(reply["logits"]), out
 
     def peak_bytes(self) -> list[int | None]:
@@ -119,20 +126,42 @@ class PoolBagel:
 
 
 def load_on_pool(
-    pool, folder: str, dtype: str, released_vae_only: bool = False, interrupt=None, weight_dtype: str = "bf16"
+    pool,
+    folder: str,
+    dtype: str,
+    released_vae_only: bool = False,
+    interrupt=None,
+    weight_dtype: str = "bf16",
+    split: str = "auto",
 ) -> LoadedBagel:
-    """BAGEL held by `pool`'s workers, all of them one tensor-parallel group; this process keeps the tokenizer and
-    the autoencoder (fp32, CPU: the edit's conditioning encode). Arguments as loader.load_bagel's."""
+    """BAGEL held by `pool`'s workers, split as `split` says ('auto' or 'GxT', bagel/split.py); this process keeps the
+    tokenizer and the autoencoder (fp32, CPU: the edit's conditioning encode). Other arguments as load_bagel's."""
     if weight_dtype != "bf16":  # tp.shard_ slices parameters; FP8 weights are buffers with per-row scales
         raise ValueError(
             f"weight_dtype {weight_dtype} does not run on a worker pool yet (its split does not slice FP8 weights); "
             "use bf16 with a pool, or load without a pool for FP8."
         )
     check_folder(folder)
+    chosen = parse_split(split, len(pool.spec.devices))
     if released_vae_only:
         check_released_vae_widths(find_vae_file(folder))
     tokenizer = BagelTokenizer.from_folder(folder)
     vae_sd = load_file(find_vae_file(folder))
-    bagel = PoolBagel(pool, folder, tokenizer.special, dtype, len(pool.spec.devices), interrupt)
+    if chosen is None:
+        chosen = auto_split(pool, folder, dtype, interrupt)
+    bagel = PoolBagel(pool, folder, tokenizer.special, dtype, chosen, interrupt)
     bagel.load()
     return LoadedBagel(bagel, tokenizer, autoencoder_from_state_dict(vae_sd), vae_sd, folder)
+
+
+def auto_split(pool, folder: str, dtype: str, interrupt=None) -> Split:
+    """choose_split on the workers' free memory once they hold no BAGEL (a held one of this folder and dtype is
+    kept, with its split: a second loader node on the same pool costs nothing)."""
+    held = pool.holding.get("bagel") if pool.is_running else None
+    if held is not None and held[:2] == (folder, dtype):
+        return held[2]
+    pool.holding.pop("bagel", None)
+    replies = pool.call({"op": "bagel", "bagel_op": "unload"}, "BAGEL memory", 60, interrupt)
+    params = read_folder_params(folder)
+    return choose_split(len(pool.spec.devices), lambda tp: shard_nbytes(params, 0, tp, DTYPES[dtype]),
+                        [r["free_bytes"] for r in replies])  # fmt: skip

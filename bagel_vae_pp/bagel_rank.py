@@ -3,11 +3,15 @@ refers to by id. The host's side is bagel_job.py; the operations are pipeline.In
 what the in-process path computes.
 
 Tensors cross the socket as numpy arrays (pickled by value; a torch tensor would be pickled through shared
-memory and a descriptor-passing listener). Ranks of the tensor-parallel group run every operation together;
-rank 0 replies with the result, ranks outside the group sit the jobs out.
+memory and a descriptor-passing listener). The workers form `groups` tensor-parallel groups of `tp` consecutive
+ranks (bagel/split.py). Every group holds every context, so all ranks run every operation but `velocities`, where
+group g computes the passes i with i mod groups == g and its first rank replies with them; rank 0 replies with
+everything else. Ranks outside the groups sit the jobs out.
 """
 
 from __future__ import annotations
+
+import gc
 
 import numpy as np
 import torch
@@ -15,6 +19,7 @@ import torch
 from .bagel.loader import DTYPES
 from .bagel.model import EMPTY_CONTEXT, Context
 from .bagel.pipeline import ImageInput, InProcess
+from .bagel.split import Split
 from .bagel.tokenizer import SpecialTokens
 from .bagel.tp import load_bagel_shard
 
@@ -32,25 +37,38 @@ class BagelRank:
         self.rank, self.groups, self.device = rank, groups, device
         self.ops: InProcess | None = None
         self.contexts: dict[int, Context] = {}
+        self.split, self.group = Split(1, 1), 0
 
     def load(self, msg: dict) -> dict:
-        """Load (this rank's shard of) the checkpoint in `msg["folder"]`, or sit out when outside the group."""
-        self.ops, self.contexts = None, {}
+        """Load this rank's shard of the checkpoint in `msg["folder"]` for its group, or sit out."""
+        self.unload()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        tp = msg["tp"]
-        if self.rank >= tp:
+        self.split = split = Split(msg["groups"], msg["tp"])
+        self.group = split.group_of(self.rank)
+        if self.group is None:
             return {}
+        first = self.group * split.tp
         with torch.inference_mode():
-            model = load_bagel_shard(msg["folder"], self.rank, tp, self.device, DTYPES[msg["dtype"]], self.groups[tp])
+            model = load_bagel_shard(msg["folder"], self.rank - first, split.tp, self.device,
+                                     DTYPES[msg["dtype"]], self.groups[(first, split.tp)])  # fmt: skip
         self.ops = InProcess(model, SpecialTokens(*msg["special"]))
         self.contexts = {0: EMPTY_CONTEXT}
         return {}
 
+    def unload(self) -> None:
+        self.ops, self.contexts = None, {}
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def run(self, msg: dict) -> dict:
+        on_gpu = self.device.type == "cuda"
         if msg["bagel_op"] == "memory":  # every rank answers: its device's peak since load, as the allocator held it
-            on_gpu = self.device.type == "cuda"
             return {"peak_bytes": torch.cuda.max_memory_reserved(self.device) if on_gpu else None}
+        if msg["bagel_op"] == "unload":  # every rank answers: what its device has free without BAGEL (None: CPU)
+            self.unload()
+            return {"free_bytes": torch.cuda.mem_get_info(self.device)[0] if on_gpu else None}
         if self.ops is None:
             return {}
         for handle in msg["drop"]:  # contexts the host no longer refers to
@@ -60,6 +78,8 @@ class BagelRank:
             raise ValueError(f"BAGEL context {missing[0]} is not held here: the pool restarted during the generation.")
         with torch.inference_mode():
             reply = OPERATIONS[msg["bagel_op"]](self, msg)
+        if msg["bagel_op"] == "velocities":
+            return reply if self.rank == self.group * self.split.tp else {}
         return {**reply, "held": len(self.contexts)} if self.rank == 0 else {}  # held: contexts kept, for tests
 
     def prefill_text(self, msg: dict) -> dict:
@@ -73,9 +93,13 @@ class BagelRank:
         return {}
 
     def velocities(self, msg: dict) -> dict:
-        contexts = [self.contexts[i] for i in msg["ctxs"]]
+        """This group's share of the passes: {pass index: velocity}."""
+        mine = [i for i in range(len(msg["ctxs"])) if i % self.split.groups == self.group]
+        if not mine:
+            return {"velocities": {}}
+        contexts = [self.contexts[msg["ctxs"][i]] for i in mine]
         vs = self.ops.velocities(contexts, tensor(msg["x_t"]), msg["t"], tensor(msg["position_ids"]))
-        return {"velocities": [array(v) for v in vs]}
+        return {"velocities": {i: array(v) for i, v in zip(mine, vs)}}
 
     def next_token(self, msg: dict) -> dict:
         logits, self.contexts[msg["out"]] = self.ops.next_token_logits(self.contexts[msg["ctx"]], msg["token"])

@@ -51,7 +51,7 @@ def band_shard(r: Rank, bands: list[tuple[int, int]], scale: int, on_layer) -> S
     if r.rank >= len(bands):
         return None  # fewer rows than workers: this rank sits the job out
     latent_bands = [(a // scale, b // scale) for a, b in bands]
-    return Shard(r.rank, len(bands), r.groups[len(bands)], latent_bands, r.is_cancelled, on_layer)
+    return Shard(r.rank, len(bands), r.groups[(0, len(bands))], latent_bands, r.is_cancelled, on_layer)
 
 
 def progress_counter(r: Rank, total: int):

@@ -60,6 +60,13 @@ class PoolSpec:
     dtype: str  # resolved: "bf16" | "fp16" | "fp32"
     timeout_s: float  # a job still running after timeout_s + its size allowance counts as stuck
 
+    @property
+    def backend(self) -> str:
+        """NCCL for distinct GPUs; gloo for CPU workers and for several workers on one GPU (a test setup that only
+        a spec built directly can ask for: NCCL refuses two ranks on one device)."""
+        gpus = [d for d in self.devices if d.startswith("cuda")]
+        return "nccl" if len(gpus) == len(self.devices) == len(set(gpus)) else "gloo"
+
     @classmethod
     def parse(cls, devices: str = "all", dtype: str = "auto", timeout_s: float = 120.0, prefer_cpu: bool = False):
         found = parse_devices(devices, torch.cuda.device_count(), prefer_cpu)
@@ -150,6 +157,7 @@ class WorkerPool:
                             "rank": rank,
                             "world": len(self.spec.devices),
                             "device": device,
+                            "backend": self.spec.backend,
                             "dtype": self.spec.dtype,
                             "store": os.path.join(self.staging.home, "store"),
                             "control": control,

@@ -82,18 +82,27 @@ def cpu_threads(device: torch.device, world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world) if device.type == "cpu" else 1
 
 
+def group_blocks(world: int) -> list[tuple[int, int]]:
+    """(first rank, size) of every subgroup a job may use: each prefix of the ranks (a VAE job with fewer bands than
+    workers) and each block of an even split into consecutive blocks (BAGEL's tensor-parallel groups)."""
+    prefixes = [(0, k) for k in range(2, world)]
+    blocks = [(start, k) for k in range(2, world // 2 + 1) for start in range(k, world - k + 1, k)]
+    return prefixes + blocks
+
+
 def init_group(cfg: dict) -> dict:
-    """Join the pool's process group; make one subgroup per prefix of ranks for jobs with fewer rows."""
+    """Join the pool's process group and make every subgroup of group_blocks, keyed (first rank, size); any
+    one-rank group is None. All are made here because a sealed gloo group takes no new connections later."""
     world = cfg["world"]
-    groups = {1: None}
+    groups = {(start, 1): None for start in range(world)}
     if world == 1:
         return groups
-    backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
+    backend = cfg["backend"]
     store = dist.FileStore(cfg["store"], world)
     dist.init_process_group(backend, store=store, rank=cfg["rank"], world_size=world)
-    for k in range(2, world):
-        groups[k] = dist.new_group(list(range(k)))
-    groups[world] = dist.group.WORLD
+    for start, k in group_blocks(world):  # every rank makes every group, in the same order
+        groups[(start, k)] = dist.new_group(list(range(start, start + k)))
+    groups[(0, world)] = dist.group.WORLD
     if backend == "gloo":  # every pair is connected now: no one may connect any more (see loopback.py)
         loopback.seal_gloo_group()
     return groups

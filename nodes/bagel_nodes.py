@@ -194,15 +194,17 @@ class BagelModelLoader:
                              "model's layers: bf16 (27 GiB of parameters); fp8_e4m3fn (15 GiB, FP8 with a scale per "
                              "channel, computed in the dtype above, any GPU); fp8_e4m3fn_fast (FP8 matrix products, "
                              "bf16 only, GPUs of compute capability 8.9 or newer: RTX 40xx, H100)."}),
-            "pool": ("VAE_POOL", {"tooltip": "Run BAGEL in these workers, split over all of them (tensor "
-                     "parallel: 2 GPUs hold about 15 GiB each, 4 about 9). Unconnected: ComfyUI's own GPU, "
-                     "the whole model on it."}),
+            "pool": ("VAE_POOL", {"tooltip": "Run BAGEL in these workers (tensor parallel: 2 GPUs hold about 15 GiB "
+                     "each, 4 about 9). Unconnected: ComfyUI's own GPU, the whole model on it."}),
+            "split": ("STRING", {"default": "auto", "tooltip": "With a pool: its workers as GROUPSxTP, e.g. 2x2 = "
+                      "2 groups that run the guidance passes of a step side by side, each 2 GPUs sharing the model "
+                      "(tensor parallel). auto: the fewest GPUs per copy that fit, then up to 2 copies."}),
         }}  # fmt: skip
 
-    def execute(self, model, dtype, weight_dtype="bf16", pool=None):
+    def execute(self, model, dtype, weight_dtype="bf16", pool=None, split="auto"):
         folder = resolve_folder(host.bagel_model_dirs(), model)
         if pool is not None:  # ComfyUI's VAE object needs the released widths (released_vae_only)
-            loaded = load_on_pool(get_pool(pool), folder, dtype, True, host.throw_if_interrupted, weight_dtype)
+            loaded = load_on_pool(get_pool(pool), folder, dtype, True, host.throw_if_interrupted, weight_dtype, split)
             return (ManagedBagel(loaded, None), host.make_comfy_vae(loaded.vae_state_dict))
         loaded = load_bagel(folder, host.offload_device(), dtype, True, weight_dtype, host.torch_device())
         managed = ManagedBagel(loaded, host.managed(loaded.model, loaded.vae))

@@ -145,7 +145,7 @@ class TestOnThePool:
         """BAGEL split over a pool of 2 CPU workers (tensor parallel); the PNG decoded through the same pool."""
         monkeypatch.chdir(tmp_path)
         assert bagel("text-to-image", folder, "--prompt", "the cat", "--seed", 7, "--width", 64, "--height", 48,
-                     "--steps", 6, "--dtype", "fp32", "--devices", "cpu:2",
+                     "--steps", 6, "--dtype", "fp32", "--devices", "cpu:2", "--split", "1x2",
                      "--latent", "cat.safetensors") == 0  # fmt: skip
         expected, _ = text_to_image(reference.model, reference.tokenizer, "the cat", 64, 48, 7,
                                     replace(APP_TEXT_TO_IMAGE, num_timesteps=6))  # fmt: skip
@@ -178,6 +178,9 @@ class TestRefusals:
              "image file PIL can read"),
             ([*T2I, "--devices", "cpu:0"], "error: --devices: 'cpu:0' is not valid; use 'cpu:N' with N from 1"),
             ([*T2I, "--devices", "gpu1"], "error: --devices: 'gpu1' is not valid; use 'all', 'cpu:N', or GPU ids"),
+            ([*T2I, "--devices", "cpu:2", "--split", "2x2"], "error: --split: '2x2' needs 4 workers; the pool has 2. "
+             "(--devices cpu:2)"),
+            ([*T2I, "--split", "1x2"], "error: --split 1x2: splits the workers of a pool; give --devices a pool"),
             ([*T2I, "--out", "{empty}/no/such/folder.png"], "error: --out '{empty}/no/such/folder.png': the folder"),
             ([*T2I, "--seed", "-1"], "error: argument --seed: -1 is not a seed from 0 to 18446744073709551615"),
         ],

@@ -237,13 +237,16 @@ class TestWeightDtype:
 
 
 class TestOnAPool:
-    def test_a_loader_with_a_pool_gives_the_in_process_latent_and_text(self, nodes, loaded, host):
-        """BAGEL split over 2 CPU workers (tensor parallel), outside ComfyUI's model management."""
+    @pytest.mark.parametrize("split, chosen", [("auto", "2x1"), ("1x2", "1x2")])
+    def test_a_loader_with_a_pool_gives_the_in_process_latent_and_text(self, nodes, loaded, host, split, chosen):
+        """BAGEL on 2 CPU workers, outside ComfyUI's model management: 'auto' gives each CFG pass its own worker
+        (CPU workers have room for a whole copy), '1x2' splits one copy over both (tensor parallel)."""
         pools = sys.modules[f"{PACK}.bagel_vae_pp.pool"]
         try:
             on_pool = nodes.BagelModelLoader().execute(
-                "tiny-bagel", "fp32", "bf16", pools.PoolSpec.parse("cpu:2", "fp32")
+                "tiny-bagel", "fp32", "bf16", pools.PoolSpec.parse("cpu:2", "fp32"), split
             )
+            assert str(on_pool[0].loaded.model.split) == chosen
             before = len(host.loads)
             want, _ = nodes.BagelTextToImage().execute(loaded[0], **text_to_image_inputs())
             got, _ = nodes.BagelTextToImage().execute(on_pool[0], **text_to_image_inputs())

@@ -1,8 +1,9 @@
 """BAGEL through the worker pool (gloo on CPU, fp32) against the in-process pipeline on a tiny checkpoint.
 
 The host keeps the random numbers and the guidance arithmetic, the workers the model and its contexts; a pool of
-1 worker, and tensor-parallel groups of 2 and 3 (8 query heads over 2 KV heads: uneven at 3), must give the final
-latent of the in-process path within 1e-5 relative and the same greedy text.
+1 worker, tensor-parallel groups of 2 and 3 (8 query heads over 2 KV heads: uneven at 3), and CFG-parallel groups
+(2 groups of 1 and of 2 workers, 3 groups of 1: edit's three passes at once) must give the final latent of the
+in-process path within 1e-5 relative and the same greedy text.
 """
 
 import time
@@ -14,6 +15,7 @@ from host_stub import InterruptProcessingException
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.pipeline import autoencoder_moments, edit_image, text_to_image, understand_image
 from bagel_vae_pp.bagel.sampler import GuidanceOptions
+from bagel_vae_pp.bagel.split import Split
 from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
 from bagel_vae_pp.bagel_job import PoolBagel
 from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
@@ -39,11 +41,11 @@ def image() -> torch.Tensor:
     return torch.stack([x, y, x * y], dim=-1)  # [72, 100, 3]
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3])
+@pytest.fixture(scope="module", params=["1x1", "1x2", "1x3", "2x1", "2x2", "3x1"])
 def pool_bagel(request, checkpoint):
-    tp = request.param
-    pool = WorkerPool(PoolSpec.parse(f"cpu:{tp}", "fp32", 60))
-    bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=tp)
+    split = Split(*map(int, request.param.split("x")))
+    pool = WorkerPool(PoolSpec.parse(f"cpu:{split.workers}", "fp32", 60))
+    bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", split)
     bagel.load()
     yield bagel
     pool.shutdown()
@@ -83,7 +85,7 @@ class TestContexts:
             text_to_image(bagel, checkpoint.tokenizer, "a red cube", 32, 32, 0, T2I)  # its contexts, then dropped
             ids = checkpoint.tokenizer.text_block("x")
             kept = bagel.prefill_text(bagel.empty_context, ids)
-            assert bagel.call("prefill_text", ctx=kept.id, out=999, ids=ids)["held"] == 3  # empty, kept, 999
+            assert bagel.call("prefill_text", ctx=kept.id, out=999, ids=ids)[0]["held"] == 3  # empty, kept, 999
         finally:
             pool.shutdown()
 
@@ -92,7 +94,7 @@ class TestFaults:
     def test_cancel_mid_sampling_then_the_next_image_is_right(self, checkpoint):
         pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
         try:
-            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=2)
+            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", Split(1, 2))
             bagel.load()
             steps = []
 
@@ -113,7 +115,7 @@ class TestFaults:
     def test_a_killed_worker_mid_sampling_is_an_error_within_5_s(self, checkpoint):
         pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
         try:
-            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=2)
+            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", Split(1, 2))
             bagel.load()
             killed = {}
 
@@ -132,7 +134,7 @@ class TestFaults:
         finally:
             pool.shutdown()
 
-    def test_a_group_larger_than_the_pool_is_refused(self, checkpoint):
+    def test_a_split_larger_than_the_pool_is_refused(self, checkpoint):
         pool = WorkerPool(PoolSpec.parse("cpu:2", "fp32", 60))
-        with pytest.raises(ValueError, match="tp is 3; the pool has 2 worker"):
-            PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", tp=3)
+        with pytest.raises(ValueError, match="split: 2x2 needs 4 workers; the pool has 2"):
+            PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", Split(2, 2))

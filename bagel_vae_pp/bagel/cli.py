@@ -36,6 +36,7 @@ from .pipeline import (
 )
 from .quantize import WEIGHT_DTYPES
 from .sampler import DEFAULT_GUIDANCE, RENORM_TYPES, GuidanceOptions
+from .split import parse_split
 
 IN_PROCESS = "in-process"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # torch.Generator.manual_seed takes 64 bits
@@ -106,19 +107,19 @@ class InProcessRunner:
 
 
 class PoolRunner(InProcessRunner):
-    """BAGEL held by a worker pool, all its workers one tensor-parallel group (bagel_job.PoolBagel). This process
-    keeps the tokenizer and the autoencoder (fp32, CPU) for the edit's conditioning encode; the final latent is
-    decoded through the same pool."""
+    """BAGEL held by a worker pool, its workers split into CFG groups × tensor parallel as --split says
+    (bagel_job.PoolBagel). This process keeps the tokenizer and the autoencoder (fp32, CPU) for the edit's
+    conditioning encode; the final latent is decoded through the same pool."""
 
-    def __init__(self, folder: str, dtype: str, weight_dtype: str, devices: str):
+    def __init__(self, folder: str, dtype: str, weight_dtype: str, devices: str, split: str = "auto"):
         from ..bagel_job import load_on_pool
         from ..pool import PoolSpec, get_pool
 
         try:
             self.pool = get_pool(PoolSpec.parse(devices, dtype))
-            self.loaded = load_on_pool(self.pool, folder, self.pool.spec.dtype, weight_dtype=weight_dtype)
+            self.loaded = load_on_pool(self.pool, folder, self.pool.spec.dtype, weight_dtype=weight_dtype, split=split)
         except (ValueError, SafetensorError, OSError) as e:
-            raise UsageError(f"MODEL_DIR {folder!r} / --devices {devices}: {e}") from e
+            raise UsageError(f"MODEL_DIR {folder!r} / --devices {devices} / --split {split}: {e}") from e
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         self.loaded.model.release()  # the generation is done: free its contexts in the workers
@@ -131,15 +132,21 @@ class PoolRunner(InProcessRunner):
             self.loaded.model.release()
 
 
-def runner_for(devices: str):
-    """The runner for a --devices value: called as runner(folder, dtype, weight_dtype), it loads the checkpoint."""
+def runner_for(devices: str, split: str = "auto"):
+    """The runner for --devices and --split: called as runner(folder, dtype, weight_dtype), it loads the checkpoint."""
     if devices == IN_PROCESS:
+        if split != "auto":
+            raise UsageError(f"--split {split}: splits the workers of a pool; give --devices a pool (cpu:N, all, ids).")
         return InProcessRunner
     try:
-        parse_devices(devices, torch.cuda.device_count())
+        workers = len(parse_devices(devices, torch.cuda.device_count()))
     except ValueError as e:
         raise UsageError(f"--devices: {str(e).removeprefix('devices: ')}") from e
-    return functools.partial(PoolRunner, devices=devices)
+    try:
+        parse_split(split, workers)
+    except ValueError as e:
+        raise UsageError(f"--split: {str(e).removeprefix('split: ')} (--devices {devices})") from e
+    return functools.partial(PoolRunner, devices=devices, split=split)
 
 
 def check_model_dir(folder: str) -> None:
@@ -248,7 +255,7 @@ def run_bagel(args) -> int:
     """
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT came in ignored
     try:
-        runner_class = runner_for(args.devices)
+        runner_class = runner_for(args.devices, args.split)
         image = check_inputs(args)
         MODES[args.mode](runner_class(args.model_dir, args.dtype, args.weight_dtype), args, image)
     except UsageError as e:
@@ -279,9 +286,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "fp8_e4m3fn_fast (FP8 GEMMs: bf16, GPUs of compute capability 8.9+)")  # fmt: skip
     where = (
         f"{IN_PROCESS}: the first GPU, else the CPU; cpu:N, all or GPU ids 0,1,...: a worker pool, BAGEL split "
-        "over its workers (tensor parallel)"
+        "over its workers (see --split)"
     )
     p.add_argument("--devices", default=IN_PROCESS, help=where)
+    split = (
+        "a pool's workers as GROUPSxTP: CFG groups that run the guidance passes side by side, each of TP "
+        "tensor-parallel workers (e.g. 2x2); auto: from free memory"
+    )
+    p.add_argument("--split", default="auto", help=split)
     p.add_argument("--think", action="store_true", help="let BAGEL reason in text first (printed)")
 
 
