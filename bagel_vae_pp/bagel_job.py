@@ -52,7 +52,6 @@ class PoolBagel:
     """BAGEL held by a pool's workers as `split.groups` tensor-parallel groups of `split.tp` workers each."""
 
     empty_context = RemoteContext(0)
-    device = torch.device("cpu")  # where the sampler keeps its latent between steps
 
     def __init__(self, pool, folder: str, special: SpecialTokens, dtype: str, split: Split = ONE_WORKER,
                  interrupt=None):  # fmt: skip

@@ -192,3 +192,11 @@ class TestRefusals:
         err = capsys.readouterr().err
         assert err.startswith(message.format(**fill)) and err.count("\n") == 1, err
         assert os.listdir(tmp_path) == []  # nothing written
+
+    def test_a_bad_size_is_refused_before_the_model_loads(self, folder, monkeypatch, capsys):
+        cli = sys.modules["bagel_vae_pp.bagel.cli"]
+        monkeypatch.setattr(cli, "load_bagel", lambda *a, **k: pytest.fail("the model was loaded"))
+        monkeypatch.setattr(cli, "PoolRunner", lambda *a, **k: pytest.fail("a pool was started"))
+        for devices in ("in-process", "cpu:2"):
+            assert bagel("text-to-image", folder, "--prompt", "x", "--width", 40, "--devices", devices) == 2
+            assert capsys.readouterr().err.startswith("error: --width is 40; it must be a multiple of 16")

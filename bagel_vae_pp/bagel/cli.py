@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from ..inputs import parse_devices
 from .images import pil_to_unit, to_pil
-from .loader import DTYPES, REQUIRED_FILES, VAE_LOCATIONS, find_vae_file, load_bagel
+from .loader import DTYPES, REQUIRED_FILES, VAE_LOCATIONS, find_vae_file, load_bagel, read_folder_params
 from .pipeline import (
     DEFAULT_IMAGE_SIDE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -72,16 +72,6 @@ class InProcessRunner:
             self.loaded = load_bagel(folder, device, dtype, weight_dtype=weight_dtype)
         except (ValueError, SafetensorError, OSError) as e:
             raise UsageError(f"MODEL_DIR {folder!r}: {e}") from e
-
-    @property
-    def max_image_size(self) -> int:
-        return self.loaded.model.params.max_image_size
-
-    def check_size(self, width: int, height: int) -> None:
-        try:
-            check_image_size(width, height, self.loaded.model.params)
-        except ValueError as e:
-            raise UsageError(f"--{e}") from e  # the message starts with "width" or "height"
 
     def text_to_image(self, prompt, width, height, seed, options, think, max_think_tokens, progress, interrupt):
         b = self.loaded
@@ -214,10 +204,7 @@ def write_outputs(runner, latent: torch.Tensor, thinking: str, args) -> None:
 
 def run_text_to_image(runner, args, image: None) -> None:
     options = guidance_options(args, "text_to_image")
-    side = min(DEFAULT_IMAGE_SIDE, runner.max_image_size)  # the nodes' 1024 on the released checkpoint
-    width, height = args.width or side, args.height or side
-    runner.check_size(width, height)
-    latent, thinking = runner.text_to_image(args.prompt, width, height, args.seed, options, args.think,
+    latent, thinking = runner.text_to_image(args.prompt, args.width, args.height, args.seed, options, args.think,
                                             args.max_think_tokens, print_progress("step"), None)  # fmt: skip
     write_outputs(runner, latent, thinking, args)
 
@@ -237,9 +224,25 @@ def run_understand(runner, args, image: torch.Tensor) -> None:
 MODES = {"text-to-image": run_text_to_image, "edit": run_edit, "understand": run_understand}
 
 
+def check_size(args) -> None:
+    """Fill in the default --width/--height and refuse a size the checkpoint can't draw, from its headers."""
+    try:
+        params = read_folder_params(args.model_dir)
+    except (ValueError, SafetensorError, OSError) as e:
+        raise UsageError(f"MODEL_DIR {args.model_dir!r}: {e}") from e
+    side = min(DEFAULT_IMAGE_SIDE, params.max_image_size)  # the nodes' 1024 on the released checkpoint
+    args.width, args.height = args.width or side, args.height or side
+    try:
+        check_image_size(args.width, args.height, params)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from e  # the message starts with "width" or "height"
+
+
 def check_inputs(args) -> torch.Tensor | None:
     """Refuse what can be refused without the model, before loading it; returns the --image pixels, if any."""
     check_model_dir(args.model_dir)
+    if args.mode == "text-to-image":
+        check_size(args)
     if args.mode in ("text-to-image", "edit"):
         guidance_options(args, args.mode.replace("-", "_"))
         check_out_path("--out", args.out)

@@ -91,11 +91,6 @@ class InProcess:
     def params(self) -> BagelParams:
         return self.model.params
 
-    @property
-    def device(self) -> torch.device:
-        """Where the sampler keeps its latent between steps."""
-        return self.model.device
-
     def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
         return self.model.prefill_text(ctx, ids)
 
@@ -109,10 +104,14 @@ class InProcess:
         return model.prefill_image_block(ctx, model.wrap_image(vit, self.special), is_latent=False)
 
     def velocities(self, contexts: list[Context], x_t: Tensor, t: float, position_ids: Tensor) -> list[Tensor]:
-        """The velocity [N, 64] of noisy latent tokens x_t [N, 64] at time t against each context."""
+        """The velocity [N, 64] (fp32, CPU) of noisy latent tokens x_t [N, 64] at time t against each context.
+
+        The sampler keeps its latent on the CPU and mixes the passes there, in this process as on a pool's host
+        (bagel_job.PoolBagel): one place for the guidance arithmetic, so where the model runs changes no bit of it
+        (a GPU's fused multiply-adds and reduction orders did, 1e-2 after 50 bf16 steps). A few MB a step."""
         model = self.model
         block = model.wrap_image(model.latent_tokens(x_t, t, position_ids), self.special)  # [N+2, D]
-        return self.passes(contexts, block)
+        return [v.float().cpu() for v in self.passes(contexts, block)]
 
     def next_token_logits(self, ctx: Context, token: int) -> tuple[Tensor, Context]:
         return self.model.next_token_logits(ctx, token)
@@ -197,7 +196,7 @@ def guided_velocity(
     use_img = use_text and img_scale > 1.0  # official: image guidance only inside text guidance
     reuse_gen = contexts.cfg_img is contexts.gen  # no images: the image-free pass equals the conditional one
     wanted = [contexts.gen] + [contexts.cfg_text] * use_text + [contexts.cfg_img] * (use_img and not reuse_gen)
-    vs = [v.float() for v in ops.velocities(wanted, x_t, t, position_ids)]  # each [N, 64]
+    vs = ops.velocities(wanted, x_t, t, position_ids)  # each [N, 64], fp32, CPU
     v_text = vs[1] if use_text else None
     v_img = (vs[0] if reuse_gen else vs[2]) if use_img else None
     return combine_cfg(vs[0], v_text, v_img, text_scale, img_scale, options.cfg_renorm_type, options.cfg_renorm_min)
@@ -219,7 +218,7 @@ def sample_latent(
     params = ops.params
     h, w = latent_grid(height, width, params)
     position_ids = flat_position_ids(h, w, params.max_latent_size)  # [N]
-    x = torch.randn(h * w, params.patch_latent_dim, generator=generator).to(ops.device)  # [N, 64] fp32
+    x = torch.randn(h * w, params.patch_latent_dim, generator=generator)  # [N, 64] fp32, CPU (see velocities)
 
     def velocity(x_t: Tensor, t: float) -> Tensor:
         guided = is_guided(t, options.cfg_interval)
@@ -228,7 +227,7 @@ def sample_latent(
 
     schedule = build_schedule(options.num_timesteps, options.timestep_shift)
     tokens = euler_sample(x, schedule, velocity, progress, interrupt)  # [N, 64]
-    return tokens_to_raw(tokens.float().cpu(), h, w, params)
+    return tokens_to_raw(tokens, h, w, params)
 
 
 def check_image_size(width: int, height: int, params: BagelParams) -> None:
