@@ -217,13 +217,18 @@ class TestNode:
         assert host.gpu.held[0] is streamed.handle and whole.handle not in host.gpu.held  # evicted for room
         assert torch.equal(got["samples"], want["samples"])
 
-    def test_a_model_that_fits_is_loaded_whole(self, gpu_nodes):
+    def test_a_model_that_fits_is_loaded_whole_and_stays_so(self, gpu_nodes):
+        """The room counts what of the model ComfyUI holds already: a second node does not stream it."""
         nodes, host = gpu_nodes
         host.gpu.total = 2**50
         managed = nodes.BagelModelLoader().execute("five", "fp32", "bf16")[0]
         handle = managed.handle
-        managed.on_device()
-        assert managed.handle is handle and handle.loaded_size() == handle.model_size()
+        host.gpu.held.clear()
+        host.gpu.total = handle.model_size() + pass_work_bytes(FIVE, torch.float32) + 1  # just fits, with a pass
+        for _ in range(2):
+            managed.on_device()
+            assert managed.handle is handle and host.gpu.held == [handle]
+        assert managed.loaded.model.language_model.model.stream is None
 
 
 class TestCLI:
@@ -254,3 +259,31 @@ class TestCLI:
             code = e.code
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestOnAGpu:
+    """The CUDA copy protocol (stream.py's docstring): full-width layers, 1024² tokens, so that a missing wait
+    (compute reading a slot before its copy landed, a copy overwriting a slot that a layer still reads) shows."""
+
+    @pytest.mark.parametrize("weight_dtype", ["bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast"])
+    def test_streamed_velocity_is_the_resident_one_bit_for_bit(self, weight_dtype):
+        from bagel_vae_pp.bagel.quantize import FP8_GEMM_CAPABILITY, quantize_llm_
+        from bagel_vae_pp.bagel.tiny import random_bagel
+
+        if weight_dtype.endswith("_fast") and torch.cuda.get_device_capability() < FP8_GEMM_CAPABILITY:
+            pytest.skip("no FP8 tensor cores")
+        six = replace(CONFIGS["7b-mot"], llm=replace(CONFIGS["7b-mot"].llm, num_hidden_layers=6))
+        model = quantize_llm_(random_bagel(six, 0, "cuda", torch.bfloat16), weight_dtype)
+        ctx = model.prefill_text(EMPTY_CONTEXT, [151644, *range(10, 40), 151645])
+        latent = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+        block = model.wrap_image(model.latent_tokens(latent, 0.7, torch.arange(4096)), SPECIAL)
+        want = model.velocity(ctx, block)
+        before = torch.cuda.memory_allocated()
+        layer = tensor_bytes(model.language_model.model.layers[0])
+        stream_layers_(model, 2, "cuda")  # layers 0, 2, 3, 5 streamed: slot 0 takes 0 then 3, slot 1 2 then 5
+        assert before - torch.cuda.memory_allocated() == 2 * layer
+        assert all(t.is_pinned() for host in model.language_model.model.stream.host for t in host.values())
+        for _ in range(3):
+            assert torch.equal(model.velocity(ctx, block), want)
