@@ -8,6 +8,8 @@ device; each tensor is read from safetensors straight to its device and dtype an
 With a weight dtype other than "bf16" the decoder-layer Linears are stored in FP8 (quantize.py): quantized
 as they are read from a bf16 file, or read as they are from an FP8 checkpoint (tools/quantize_bagel_fp8.py).
 Hosts whose VAE class builds only the released widths (ComfyUI's) ask for those to be checked first.
+With a device budget the model is read into CPU memory and the decoder layers that do not fit the device are
+streamed from there (stream.py).
 """
 
 from __future__ import annotations

@@ -204,9 +204,11 @@ class LayerStream(nn.Module):
     def _copies(self) -> _CudaCopies | _DeferredCopies:
         """The copy machinery for the slots' current device (made again after the slots moved)."""
         device = next(self.slots.parameters()).device
-        kind = _CudaCopies if device.type == "cuda" else _DeferredCopies
-        if not isinstance(self.copies, kind) or (device.type == "cuda" and self.copies.stream.device != device):
-            self.copies = _CudaCopies(device, len(self.slots)) if device.type == "cuda" else kind(len(self.slots))
+        if device.type != "cuda":
+            if not isinstance(self.copies, _DeferredCopies):
+                self.copies = _DeferredCopies(len(self.slots))
+        elif not isinstance(self.copies, _CudaCopies) or self.copies.stream.device != device:
+            self.copies = _CudaCopies(device, len(self.slots))
         return self.copies
 
     def streamed_bytes(self) -> int:
@@ -224,8 +226,8 @@ def is_streamed(model: nn.Module) -> bool:
 
 
 def stream_layers_(model: nn.Module, resident: int, device) -> nn.Module:
-    """Move a Bagel to `device` but for its decoder layers beyond the first `resident` slots of the plan, which
-    are streamed (module docstring); in place, returns the model. Logs the plan in one line.
+    """Move a Bagel to `device` but for n - `resident` of its n decoder layers (streamed_layers), which are streamed
+    (module docstring); in place, returns the model. Logs the plan in one line.
 
     Args:
         model: a Bagel on any device (a full-size one held whole on a GPU loses its streamed layers' memory
