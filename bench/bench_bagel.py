@@ -4,8 +4,13 @@
     python bench/bench_bagel.py --devices cuda:0,cuda:1  # CFG-parallel: each guidance pass on its own GPU
     python bench/bench_bagel.py --config tiny --devices cpu --size 64 --steps 4 --dtype fp32   # CPU check
     python bench/bench_bagel.py --weight-dtype fp8_e4m3fn   # decoder-layer Linears in FP8 (bagel/quantize.py)
+    python bench/bench_bagel.py --memory-cap 24             # a 24 GiB card: layers that don't fit are streamed
+    python bench/bench_bagel.py --config tiny --devices cpu --size 64 --steps 4 --dtype fp32 --resident-layers 0
 
-Reports wall time of one generation (after a short warm-up run), model passes, and peak memory per GPU.
+Reports wall time of one generation (after a short warm-up run), model passes, and peak memory per GPU
+(allocated and reserved). With --memory-cap the model is built whole on the device, then its decoder layers that
+do not fit the cap are moved to pinned CPU memory (bagel/stream.py), and the caching allocator is limited to the
+cap (torch.cuda.set_per_process_memory_fraction) before the warm-up.
 The prompt is a fixed block of `--prompt-tokens` token ids (content does not change the cost).
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -29,6 +35,7 @@ from bagel_vae_pp.bagel.model import Bagel, Context  # noqa: E402
 from bagel_vae_pp.bagel.pipeline import sequential_passes, text_to_image  # noqa: E402
 from bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES, check_weight_dtype, quantize_llm_  # noqa: E402
 from bagel_vae_pp.bagel.sampler import GuidanceOptions  # noqa: E402
+from bagel_vae_pp.bagel.stream import fit_, stream_layers_  # noqa: E402
 from bagel_vae_pp.bagel.tokenizer import SpecialTokens  # noqa: E402
 
 
@@ -87,6 +94,26 @@ def build_models(config: str, devices: list[str], dtype: torch.dtype, weight_dty
     return models
 
 
+def place(model: Bagel, device: str, cap_gib: float | None, resident: int | None) -> int | None:
+    """Stream the model's decoder layers but `resident` of them, or as the plan for `cap_gib` of `device` says;
+    then hold the caching allocator to the cap. Returns the number of resident layers (None: no plan asked)."""
+    if resident is not None:
+        stream_layers_(model, resident, device)
+    elif cap_gib is not None:
+        resident = fit_(model, device, int(cap_gib * 2**30))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the streamed layers' blocks
+        if cap_gib is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
+    return resident
+
+
+def streamed_gib(model: Bagel) -> float:
+    stream = model.language_model.model.stream
+    return 0.0 if stream is None else round(stream.streamed_bytes() / 2**30, 3)
+
+
 def parameter_gib(model: Bagel) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
 
@@ -134,12 +161,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0))
     parser.add_argument("--renorm", default="global")
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--memory-cap", type=float, metavar="GIB",
+                        help="one device only: at most GIB of it, decoder layers streamed as needed")  # fmt: skip
+    parser.add_argument("--resident-layers", type=int, metavar="K",
+                        help="one device only: stream all decoder layers but K (not the cap's plan)")  # fmt: skip
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the streaming plan, on stderr
     args.devices = [d.strip() for d in args.devices.split(",")]
+    if (args.memory_cap is not None or args.resident_layers is not None) and len(args.devices) > 1:
+        parser.error("--memory-cap and --resident-layers take one device")
     options = GuidanceOptions(args.steps, 3.0, args.cfg_text_scale, args.cfg_img_scale, tuple(args.cfg_interval),
                               args.renorm, 0.0)  # fmt: skip
     models = build_models(args.config, args.devices, DTYPES[args.dtype], args.weight_dtype, seed=0)
+    resident = place(models[0], args.devices[0], args.memory_cap, args.resident_layers)
     tokenizer = SyntheticTokenizer(args.prompt_tokens)
     if args.warmup_steps:
         generate(models, tokenizer, args, options, max(2, args.warmup_steps))
@@ -154,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(seconds, 3), "passes": passes, "ms_per_pass": round(1000 * seconds / passes, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in args.devices
                      if d.startswith("cuda")},
+        "peak_reserved_gib": {d: round(torch.cuda.max_memory_reserved(d) / 2**30, 2) for d in args.devices
+                              if d.startswith("cuda")},
+        "memory_cap_gib": args.memory_cap, "layers": len(models[0].language_model.model.layers),
+        "resident_layers": resident, "streamed_gib_per_pass": streamed_gib(models[0]),
         "gpu": [torch.cuda.get_device_name(d) for d in args.devices if d.startswith("cuda")],
         "torch": torch.__version__,
     }  # fmt: skip

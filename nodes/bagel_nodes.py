@@ -16,6 +16,7 @@ from ..bagel_vae_pp.bagel.pipeline import (
 )
 from ..bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES
 from ..bagel_vae_pp.bagel.sampler import DEFAULT_GUIDANCE, RENORM_TYPES, GuidanceOptions
+from ..bagel_vae_pp.bagel.stream import is_streamed, pass_work_bytes, stream_to_fit_, tensor_bytes
 from ..bagel_vae_pp.bagel_job import load_on_pool
 from ..bagel_vae_pp.pool import get_pool
 from . import host
@@ -64,9 +65,16 @@ class ManagedBagel:
     handle: object
 
     def on_device(self) -> LoadedBagel:
-        if self.handle is not None:  # None: the model lives in a worker pool, outside ComfyUI's management
-            host.load_for_compute(self.handle)
-        return self.loaded
+        """The model on ComfyUI's GPU: whole where it fits there, else with decoder layers streamed (stream.py)."""
+        b = self.loaded
+        if self.handle is None:  # the model lives in a worker pool, outside ComfyUI's management
+            return b
+        if not is_streamed(b.model):
+            room = host.device_room(self.handle, pass_work_bytes(b.model.params, b.model.dtype))
+            if room is not None and stream_to_fit_(b.model, room - tensor_bytes(b.vae), host.offload_device()):
+                self.handle = host.managed(b.model, b.vae)  # ComfyUI holds the resident part and the slots
+        host.load_for_compute(self.handle)
+        return b
 
 
 def guidance_inputs(defaults: GuidanceOptions) -> dict:

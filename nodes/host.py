@@ -68,6 +68,17 @@ def offload_device():
     return comfy.model_management.unet_offload_device()
 
 
+def device_room(handle, work_bytes: int) -> int | None:
+    """Bytes of ComfyUI's GPU that `handle`'s model may use (what of it is loaded there included), after ComfyUI
+    unloaded other models to make room for the rest of it plus `work_bytes`, less the reserve ComfyUI keeps for
+    other applications; None when ComfyUI runs on the CPU (nothing to plan)."""
+    mm = comfy.model_management
+    if mm.is_device_cpu(handle.load_device):
+        return None
+    mm.free_memory(handle.model_size() - handle.loaded_size() + work_bytes, handle.load_device)
+    return mm.get_free_memory(handle.load_device) + handle.loaded_size() - mm.extra_reserved_memory()
+
+
 def load_for_compute(handle) -> None:
     """Make sure a `managed` model sits whole on ComfyUI's GPU (our modules cannot run half offloaded)."""
     comfy.model_management.load_models_gpu([handle], force_full_load=True)

@@ -41,6 +41,7 @@ class Host:
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.unload_all_models = lambda: None
         mm.unet_offload_device = lambda: torch.device("cpu")
+        mm.is_device_cpu = lambda device: device.type == "cpu"
 
         def load_models_gpu(models, memory_required=0, force_full_load=False, **kw):
             self.loads.extend((patcher, force_full_load) for patcher in models)

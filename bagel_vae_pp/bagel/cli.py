@@ -64,12 +64,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class InProcessRunner:
-    """BAGEL loaded whole on one device of this process (the first GPU, else the CPU), as the nodes run it."""
+    """BAGEL on one device of this process (the first GPU, else the CPU), as the nodes run it: whole, or within
+    `vram_budget_gib` of it with the decoder layers that do not fit streamed from CPU memory."""
 
-    def __init__(self, folder: str, dtype: str, weight_dtype: str):
+    def __init__(self, folder: str, dtype: str, weight_dtype: str, vram_budget_gib: float | None = None):
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        budget = None if vram_budget_gib is None else int(vram_budget_gib * 2**30)
         try:
-            self.loaded = load_bagel(folder, device, dtype, weight_dtype=weight_dtype)
+            self.loaded = load_bagel(folder, device, dtype, weight_dtype=weight_dtype, device_budget_bytes=budget)
         except (ValueError, SafetensorError, OSError) as e:
             raise UsageError(f"MODEL_DIR {folder!r}: {e}") from e
 
@@ -122,12 +124,15 @@ class PoolRunner(InProcessRunner):
             self.loaded.model.release()
 
 
-def runner_for(devices: str, split: str = "auto"):
-    """The runner for --devices and --split: called as runner(folder, dtype, weight_dtype), it loads the checkpoint."""
+def runner_for(devices: str, split: str = "auto", vram_budget_gib: float | None = None):
+    """The runner for --devices, --split and --vram-budget: called as runner(folder, dtype, weight_dtype), it
+    loads the checkpoint."""
     if devices == IN_PROCESS:
         if split != "auto":
             raise UsageError(f"--split {split}: splits the workers of a pool; give --devices a pool (cpu:N, all, ids).")
-        return InProcessRunner
+        return functools.partial(InProcessRunner, vram_budget_gib=vram_budget_gib)
+    if vram_budget_gib is not None:
+        raise UsageError(f"--vram-budget applies to --devices {IN_PROCESS}; a worker pool splits BAGEL instead.")
     try:
         workers = len(parse_devices(devices, torch.cuda.device_count()))
     except ValueError as e:
@@ -258,7 +263,7 @@ def run_bagel(args) -> int:
     """
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT came in ignored
     try:
-        runner_class = runner_for(args.devices, args.split)
+        runner_class = runner_for(args.devices, args.split, args.vram_budget)
         image = check_inputs(args)
         MODES[args.mode](runner_class(args.model_dir, args.dtype, args.weight_dtype), args, image)
     except UsageError as e:
@@ -279,6 +284,13 @@ def seed_value(text: str) -> int:
     return seed
 
 
+def positive_gib(text: str) -> float:
+    gib = float(text)
+    if not gib > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of GiB")
+    return gib
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a BAGEL-7B-MoT checkpoint folder")
     p.add_argument("--prompt", required=True, help="the text BAGEL follows (no chat template)")
@@ -297,6 +309,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "tensor-parallel workers (e.g. 2x2); auto: from free memory"
     )
     p.add_argument("--split", default="auto", help=split)
+    p.add_argument("--vram-budget", type=positive_gib, metavar="GIB",
+                   help=f"{IN_PROCESS} only: use at most GIB of the device; the language model's layers that do "
+                   "not fit are streamed from CPU memory at each pass (slower)")  # fmt: skip
     p.add_argument("--think", action="store_true", help="let BAGEL reason in text first (printed)")
 
 

@@ -295,6 +295,7 @@ class Qwen2MoTModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.stream = None  # a stream.LayerStream once some layers live off the device (stream.stream_layers_)
 
     @torch.no_grad()
     def forward(
@@ -317,7 +318,8 @@ class Qwen2MoTModel(nn.Module):
         cos, sin = rope_cos_sin(rows.pack(positions), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         x = rows.pack(x, copy=True)  # the residual stream, updated in place by every layer
         new_kv = []
-        for i, layer in enumerate(self.layers):
+        layers = self.layers if self.stream is None else self.stream.layers(self.layers)
+        for i, layer in enumerate(layers):
             x, kv = layer.step(x, cos, sin, None if past is None else past[i], rows, causal)
             new_kv.append(kv)
         return rows.unpack(_norm(x, rows, self.norm, self.norm_moe_gen)), tuple(new_kv)

@@ -8,6 +8,8 @@ device; each tensor is read from safetensors straight to its device and dtype an
 With a weight dtype other than "bf16" the decoder-layer Linears are stored in FP8 (quantize.py): quantized
 as they are read from a bf16 file, or read as they are from an FP8 checkpoint (tools/quantize_bagel_fp8.py).
 Hosts whose VAE class builds only the released widths (ComfyUI's) ask for those to be checked first.
+With a device budget the model is read into CPU memory and the decoder layers that do not fit the device are
+streamed from there (stream.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..autoencoder import (
 from .config import BagelParams, LLMConfig, ViTConfig
 from .model import Bagel
 from .quantize import check_weight_dtype, is_fp8_checkpoint, quantize_llm_, read_weights, stored_layout
+from .stream import fit_, tensor_bytes
 from .tokenizer import BagelTokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "tokenizer.json")
@@ -180,6 +183,7 @@ def load_bagel(
     released_vae_only: bool = False,
     weight_dtype: str = "bf16",
     compute_device=None,
+    device_budget_bytes: int | None = None,
 ) -> LoadedBagel:
     """Load a BAGEL checkpoint folder.
 
@@ -194,6 +198,9 @@ def load_bagel(
             `dtype`; "fp8_e4m3fn" = FP8 with per-channel scales, computed in `dtype`; "fp8_e4m3fn_fast" = FP8
             GEMMs (bf16, GPUs of compute capability 8.9 or newer). Either file layout loads with any of them.
         compute_device: where the model will run, if not `device` (a host that keeps it offloaded until use).
+        device_budget_bytes: at most this much of `device` for the model, the autoencoder and a pass: the model
+            is read into CPU memory, and the decoder layers that do not fit are streamed from there (stream.py).
+            None: the whole model on `device`.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -207,5 +214,9 @@ def load_bagel(
     vae = autoencoder_from_state_dict(vae_sd, device, torch.float32)
     ema_path = os.path.join(folder, "ema.safetensors")
     params = read_params(folder, ema_path, vae.params)
-    model = load_bagel_model(ema_path, params, device, dtype, weight_dtype)
+    if device_budget_bytes is None:
+        model = load_bagel_model(ema_path, params, device, dtype, weight_dtype)
+    else:
+        model = load_bagel_model(ema_path, params, "cpu", dtype, weight_dtype)
+        fit_(model, device, device_budget_bytes - tensor_bytes(vae))
     return LoadedBagel(model, BagelTokenizer.from_folder(folder), vae, vae_sd, folder)

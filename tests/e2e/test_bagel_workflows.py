@@ -77,22 +77,27 @@ class TestTextToImage:
 
 
 class TestOnThePool:
-    """The loader's optional pool: BAGEL split over the 2 CPU workers (tensor parallel) draws what it draws in
-    ComfyUI's process (fp32 both, so the only difference is the order of the sums)."""
+    """The loader's optional pool (the saved workflow links it): BAGEL on CPU workers, as CFG groups (auto: 2x1 on
+    the pool's 2 workers), tensor parallel (1x2, and 1x3 with uneven heads) or both, draws what it draws in
+    ComfyUI's process (fp32 all, so the only difference is the order of the sums)."""
 
     def test_same_image_as_in_process(self, comfy_server):
-        images = []
-        for on_pool in (False, True):
-            prompt = bagel_prompt(comfy_server, TEXT_TO_IMAGE, f"e2e/bagel_pool_{on_pool}")
+        images = {}
+        for devices, split in (("in-process", None), ("all", "auto"), ("all", "1x2"), ("cpu:3", "1x3"),
+                               ("cpu:4", "2x2")):  # fmt: skip
+            prompt = bagel_prompt(comfy_server, TEXT_TO_IMAGE, f"e2e/bagel_pool_{devices}_{split}")
             load, pool = node_id(prompt, "BagelVAEPP_LoadBagel"), node_id(prompt, "BagelVAEPP_WorkerPool")
             prompt[load]["inputs"]["dtype"] = "fp32"
-            if on_pool:
-                prompt[load]["inputs"]["pool"] = [pool, 0]
+            assert prompt[load]["inputs"].pop("pool") == [pool, 0]
+            if split is not None:
+                prompt[load]["inputs"].update(pool=[pool, 0], split=split)
+                prompt[pool]["inputs"]["devices"] = devices
             run = run_ok(comfy_server, prompt)
-            (image,) = read_pngs(comfy_server, run, node_id(prompt, "SaveImage"))
-            images.append(image)
-        diff = abs(images[0] - images[1])
-        assert diff.max() <= 1 and images[0].std() > 1, f"max {diff.max()}/255"
+            (images[devices, split],) = read_pngs(comfy_server, run, node_id(prompt, "SaveImage"))
+        want = images["in-process", None]
+        assert want.std() > 1
+        for key, image in images.items():
+            assert abs(image - want).max() <= 1, f"{key}: max {abs(image - want).max()}/255"
 
 
 class TestImageEdit:
