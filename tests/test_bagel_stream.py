@@ -283,7 +283,8 @@ class TestOnAGpu:
         before = torch.cuda.memory_allocated()
         layer = tensor_bytes(model.language_model.model.layers[0])
         stream_layers_(model, 2, "cuda")  # layers 0, 2, 3, 5 streamed: slot 0 takes 0 then 3, slot 1 2 then 5
-        assert before - torch.cuda.memory_allocated() == 2 * layer
+        freed = before - torch.cuda.memory_allocated()  # the two layers not kept as slots; the allocator's block
+        assert 0 <= freed - 2 * layer <= 8 << 20, (freed, layer)  # rounding of their ~30 tensors, measured 6 MiB
         assert all(t.is_pinned() for host in model.language_model.model.stream.host for t in host.values())
         for _ in range(3):
             assert torch.equal(model.velocity(ctx, block), want)
