@@ -31,6 +31,7 @@ from .bagel.loader import (
     read_folder_params,
 )
 from .bagel.pipeline import ImageInput
+from .bagel.quantize import check_weight_dtype
 from .bagel.split import Split, choose_split, parse_split
 from .bagel.tokenizer import BagelTokenizer, SpecialTokens
 from .bagel.tp import shard_nbytes
@@ -48,17 +49,27 @@ def array(t: Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().numpy()
 
 
+def check_pool_weight_dtype(pool, dtype: str, weight_dtype: str) -> None:
+    """Refuse, in one line and before any worker starts, a weight dtype that some device of the pool cannot run
+    (fp8_e4m3fn_fast on CPU workers or GPUs without FP8 tensor cores), as load_bagel does in-process."""
+    for device in dict.fromkeys(pool.spec.devices):
+        check_weight_dtype(weight_dtype, device, DTYPES[dtype])
+
+
 class PoolBagel:
-    """BAGEL held by a pool's workers as `split.groups` tensor-parallel groups of `split.tp` workers each."""
+    """BAGEL held by a pool's workers as `split.groups` tensor-parallel groups of `split.tp` workers each, its
+    decoder-layer Linears stored as `weight_dtype` says (quantize.py)."""
 
     empty_context = RemoteContext(0)
 
     def __init__(self, pool, folder: str, special: SpecialTokens, dtype: str, split: Split = ONE_WORKER,
-                 interrupt=None):  # fmt: skip
+                 interrupt=None, weight_dtype: str = "bf16"):  # fmt: skip
         if split.workers > len(pool.spec.devices):
             raise ValueError(f"split: {split} needs {split.workers} workers; the pool has {len(pool.spec.devices)}.")
+        check_pool_weight_dtype(pool, dtype, weight_dtype)
         check_folder(folder)
         self.pool, self.folder, self.special, self.dtype, self.split = pool, folder, special, dtype, split
+        self.weight_dtype = weight_dtype
         self.params: BagelParams = read_folder_params(folder)
         self.interrupt = interrupt
         self.ids = 0
@@ -66,13 +77,13 @@ class PoolBagel:
 
     def load(self) -> None:
         """Have the workers load the checkpoint unless they hold it already (a VAE job does not unload it)."""
-        key = (self.folder, self.dtype, self.split)
+        key = (self.folder, self.dtype, self.weight_dtype, self.split)
         if self.pool.is_running and self.pool.holding.get("bagel") == key:
             return
         special = self.special
-        msg = {"op": "bagel_load", "folder": self.folder, "dtype": self.dtype, "groups": self.split.groups,
-               "tp": self.split.tp, "special": [special.bos, special.eos, special.start_of_image,
-                                                special.end_of_image]}  # fmt: skip
+        msg = {"op": "bagel_load", "folder": self.folder, "dtype": self.dtype, "weight_dtype": self.weight_dtype,
+               "groups": self.split.groups, "tp": self.split.tp,
+               "special": [special.bos, special.eos, special.start_of_image, special.end_of_image]}  # fmt: skip
         self.pool.holding.pop("bagel", None)
         self.pool.call(msg, "loading BAGEL", LOAD_TIMEOUT_S, self.interrupt)
         self.pool.holding["bagel"] = key
@@ -135,11 +146,7 @@ def load_on_pool(
 ) -> LoadedBagel:
     """BAGEL held by `pool`'s workers, split as `split` says ('auto' or 'GxT', bagel/split.py); this process keeps the
     tokenizer and the autoencoder (fp32, CPU: the edit's conditioning encode). Other arguments as load_bagel's."""
-    if weight_dtype != "bf16":  # tp.shard_ slices parameters; FP8 weights are buffers with per-row scales
-        raise ValueError(
-            f"weight_dtype {weight_dtype} does not run on a worker pool yet (its split does not slice FP8 weights); "
-            "use bf16 with a pool, or load without a pool for FP8."
-        )
+    check_pool_weight_dtype(pool, dtype, weight_dtype)
     check_folder(folder)
     chosen = parse_split(split, len(pool.spec.devices))
     if released_vae_only:
@@ -147,20 +154,20 @@ def load_on_pool(
     tokenizer = BagelTokenizer.from_folder(folder)
     vae_sd = load_file(find_vae_file(folder))
     if chosen is None:
-        chosen = auto_split(pool, folder, dtype, interrupt)
-    bagel = PoolBagel(pool, folder, tokenizer.special, dtype, chosen, interrupt)
+        chosen = auto_split(pool, folder, dtype, weight_dtype, interrupt)
+    bagel = PoolBagel(pool, folder, tokenizer.special, dtype, chosen, interrupt, weight_dtype)
     bagel.load()
     return LoadedBagel(bagel, tokenizer, autoencoder_from_state_dict(vae_sd), vae_sd, folder)
 
 
-def auto_split(pool, folder: str, dtype: str, interrupt=None) -> Split:
-    """choose_split on the workers' free memory once they hold no BAGEL (a held one of this folder and dtype is
-    kept, with its split: a second loader node on the same pool costs nothing)."""
+def auto_split(pool, folder: str, dtype: str, weight_dtype: str, interrupt=None) -> Split:
+    """choose_split on the workers' free memory once they hold no BAGEL (a held one of this folder, dtype and weight
+    dtype is kept, with its split: a second loader node on the same pool costs nothing)."""
     held = pool.holding.get("bagel") if pool.is_running else None
-    if held is not None and held[:2] == (folder, dtype):
-        return held[2]
+    if held is not None and held[:3] == (folder, dtype, weight_dtype):
+        return held[3]
     pool.holding.pop("bagel", None)
     replies = pool.call({"op": "bagel", "bagel_op": "unload"}, "BAGEL memory", 60, interrupt)
     params = read_folder_params(folder)
-    return choose_split(len(pool.spec.devices), lambda tp: shard_nbytes(params, 0, tp, DTYPES[dtype]),
+    return choose_split(len(pool.spec.devices), lambda tp: shard_nbytes(params, 0, tp, DTYPES[dtype], weight_dtype),
                         [r["free_bytes"] for r in replies])  # fmt: skip

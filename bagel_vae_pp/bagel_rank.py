@@ -50,8 +50,8 @@ class BagelRank:
             return {}
         first = self.group * split.tp
         with torch.inference_mode():
-            model = load_bagel_shard(msg["folder"], self.rank - first, split.tp, self.device,
-                                     DTYPES[msg["dtype"]], self.groups[(first, split.tp)])  # fmt: skip
+            model = load_bagel_shard(msg["folder"], self.rank - first, split.tp, self.device, DTYPES[msg["dtype"]],
+                                     self.groups[(first, split.tp)], msg["weight_dtype"])  # fmt: skip
         self.ops = InProcess(model, SpecialTokens(*msg["special"]))
         self.contexts = {0: EMPTY_CONTEXT}
         return {}

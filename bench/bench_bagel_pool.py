@@ -9,6 +9,7 @@ memory, and each worker's peak device memory. The checkpoint is a random full-si
 
 `--devices 0,0 --split 1x2` places two workers on GPU 0 (gloo, tensor parallel 2): the TP code path at full size
 on one card. `--save-latent` / `--compare-latent` compare two runs' final latents (e.g. TP 2 against 1 worker).
+`--weight-dtype fp8_e4m3fn` stores the decoder layers in FP8 on the workers and in-process alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bagel_vae_pp.autoencoder import random_autoencoder  # noqa: E402
 from bagel_vae_pp.bagel.loader import load_bagel  # noqa: E402
 from bagel_vae_pp.bagel.pipeline import text_to_image  # noqa: E402
+from bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES  # noqa: E402
 from bagel_vae_pp.bagel.sampler import DEFAULT_GUIDANCE  # noqa: E402
 from bagel_vae_pp.bagel.tiny import CONFIGS, config_files, random_bagel, tokenizer_files  # noqa: E402
 from bagel_vae_pp.bagel_job import load_on_pool  # noqa: E402
@@ -83,6 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="7b-mot")
     parser.add_argument("--devices", default="0", help="the pool's devices; an id twice: two workers on that GPU")
     parser.add_argument("--split", default="auto", help="GROUPSxTP (bagel/split.py) or auto")
+    parser.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=3)
@@ -95,12 +98,13 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         write_random_checkpoint(args.folder, args.config)
         print(f"wrote {args.folder} in {time.perf_counter() - start:.0f} s", flush=True)
-    result = {"config": args.config, "devices": args.devices, "size": args.size, "steps": args.steps,
+    result = {"config": args.config, "devices": args.devices, "weight_dtype": args.weight_dtype, "size": args.size,
+              "steps": args.steps,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__}  # fmt: skip
     pool = get_pool(pool_spec(args.devices))
     start = time.perf_counter()
-    loaded = load_on_pool(pool, args.folder, "bf16", split=args.split)
+    loaded = load_on_pool(pool, args.folder, "bf16", weight_dtype=args.weight_dtype, split=args.split)
     result["pool_load_s"], result["split"] = round(time.perf_counter() - start, 1), str(loaded.model.split)
     if args.warmup_steps:
         timed(loaded.model, loaded.tokenizer, args, args.warmup_steps)
@@ -115,7 +119,7 @@ def main(argv=None) -> None:
     print(json.dumps(result), flush=True)
     shutdown_all()
     if not args.skip_in_process:
-        local = load_bagel(args.folder, DEVICE, torch.bfloat16)
+        local = load_bagel(args.folder, DEVICE, torch.bfloat16, weight_dtype=args.weight_dtype)
         if args.warmup_steps:
             timed(local.model, local.tokenizer, args, args.warmup_steps)
         if torch.cuda.is_available():

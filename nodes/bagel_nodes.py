@@ -200,10 +200,12 @@ class BagelModelLoader:
         }, "optional": {  # optional: prompts saved before these inputs existed still validate
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16", "tooltip": "Storage of the language "
                              "model's layers: bf16 (27 GiB of parameters); fp8_e4m3fn (15 GiB, FP8 with a scale per "
-                             "channel, computed in the dtype above, any GPU); fp8_e4m3fn_fast (FP8 matrix products, "
-                             "bf16 only, GPUs of compute capability 8.9 or newer: RTX 40xx, H100)."}),
+                             "channel, computed in the dtype above, any GPU or CPU); fp8_e4m3fn_fast (FP8 matrix "
+                             "products, bf16 only, GPUs of compute capability 8.9 or newer: RTX 40xx, H100). With a "
+                             "pool, each worker holds its share in this storage."}),
             "pool": ("VAE_POOL", {"tooltip": "Run BAGEL in these workers (tensor parallel: 2 GPUs hold about 15 GiB "
-                     "each, 4 about 9). Unconnected: ComfyUI's own GPU, the whole model on it."}),
+                     "each in bf16, 9 GiB in FP8; 4 about 9 and 6). Unconnected: ComfyUI's own GPU, the whole model "
+                     "on it."}),
             "split": ("STRING", {"default": "auto", "tooltip": "With a pool: its workers as GROUPSxTP, e.g. 2x2 = "
                       "2 groups that run the guidance passes of a step side by side, each 2 GPUs sharing the model "
                       "(tensor parallel). auto: the fewest GPUs per copy that fit, then up to 2 copies."}),

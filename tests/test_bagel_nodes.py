@@ -231,10 +231,26 @@ class TestWeightDtype:
         print(f"\nfp8_e4m3fn vs fp32 weights, tiny checkpoint, final latent rel L2: {rel:.3e}")
         assert 0 < rel < 0.5
 
-    def test_fp8_on_a_pool_is_refused_in_one_line(self, nodes):
+    def test_fp8_storage_on_a_pool_gives_the_in_process_fp8_latent(self, nodes):
+        """The loader hands weight_dtype to the pool: its 2 workers (tensor parallel) hold the FP8 shards."""
         pools = sys.modules[f"{PACK}.bagel_vae_pp.pool"]
-        with pytest.raises(ValueError, match="weight_dtype fp8_e4m3fn does not run on a worker pool yet"):
-            nodes.BagelModelLoader().execute("tiny-bagel", "fp32", "fp8_e4m3fn", pools.PoolSpec.parse("cpu:2", "fp32"))
+        try:
+            on_pool = nodes.BagelModelLoader().execute(
+                "tiny-bagel", "fp32", "fp8_e4m3fn", pools.PoolSpec.parse("cpu:2", "fp32"), "1x2"
+            )
+            in_process = nodes.BagelModelLoader().execute("tiny-bagel", "fp32", "fp8_e4m3fn")
+            got, _ = nodes.BagelTextToImage().execute(on_pool[0], **text_to_image_inputs())
+            want, _ = nodes.BagelTextToImage().execute(in_process[0], **text_to_image_inputs())
+            assert (got["samples"] - want["samples"]).abs().max() / want["samples"].abs().max() <= 1e-5
+        finally:
+            pools.shutdown_all()
+
+    def test_fp8_gemms_on_cpu_workers_are_refused_in_one_line(self, nodes):
+        pools = sys.modules[f"{PACK}.bagel_vae_pp.pool"]
+        spec = pools.PoolSpec.parse("cpu:2", "bf16")
+        with pytest.raises(ValueError, match="fp8_e4m3fn_fast needs FP8 tensor cores") as refused:
+            nodes.BagelModelLoader().execute("tiny-bagel", "bf16", "fp8_e4m3fn_fast", spec)
+        assert "\n" not in str(refused.value) and not pools.get_pool(spec).is_running
 
 
 class TestOnAPool:

@@ -3,10 +3,12 @@
 The host keeps the random numbers and the guidance arithmetic, the workers the model and its contexts; a pool of
 1 worker, tensor-parallel groups of 2 and 3 (8 query heads over 2 KV heads: uneven at 3), and CFG-parallel groups
 (2 groups of 1 and of 2 workers, 3 groups of 1: edit's three passes at once) must give the final latent of the
-in-process path within 1e-5 relative and the same greedy text.
+in-process path within 1e-5 relative and the same greedy text. With FP8 weights (fp8_e4m3fn, computed in fp32) the
+reference is the in-process FP8 model; fp8_e4m3fn_fast is refused on CPU workers before any worker starts.
 """
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +17,10 @@ from host_stub import InterruptProcessingException
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.pipeline import autoencoder_moments, edit_image, text_to_image, understand_image
 from bagel_vae_pp.bagel.sampler import GuidanceOptions
-from bagel_vae_pp.bagel.split import Split
+from bagel_vae_pp.bagel.split import WORK_BYTES, Split
 from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
-from bagel_vae_pp.bagel_job import PoolBagel
+from bagel_vae_pp.bagel.tp import shard_nbytes
+from bagel_vae_pp.bagel_job import PoolBagel, auto_split, load_on_pool
 from bagel_vae_pp.pool import PoolSpec, WorkerError, WorkerPool
 
 pytestmark = pytest.mark.timeout(240)
@@ -74,6 +77,49 @@ class TestSameAsInProcess:
         got = text_to_image(pool_bagel, checkpoint.tokenizer, "a cat", 32, 32, 1, T2I, think=True, max_think_tokens=5)
         pool_bagel.release()
         assert got[1] == want[1] and close(got[0], want[0]) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(checkpoint):
+    return load_bagel(checkpoint.folder, "cpu", torch.float32, weight_dtype="fp8_e4m3fn")
+
+
+class TestFp8Weights:
+    @pytest.mark.parametrize("split", [Split(1, 2), Split(2, 1)], ids=str)
+    def test_latent_and_text_are_the_in_process_fp8_models(self, checkpoint, fp8_checkpoint, split):
+        pool = WorkerPool(PoolSpec.parse(f"cpu:{split.workers}", "fp32", 60))
+        try:
+            bagel = PoolBagel(pool, checkpoint.folder, checkpoint.tokenizer.special, "fp32", split,
+                              weight_dtype="fp8_e4m3fn")  # fmt: skip
+            want, _ = text_to_image(fp8_checkpoint.model, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+            got, _ = text_to_image(bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+            unquantized, _ = text_to_image(checkpoint.model, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
+            assert close(got, want) <= 1e-5 < close(unquantized, want)  # the workers hold the FP8 weights
+            args = (checkpoint.tokenizer, image(), "what is it?", 8)
+            assert understand_image(bagel, *args) == understand_image(fp8_checkpoint.model, *args)
+        finally:
+            pool.shutdown()
+
+    def test_auto_split_counts_fp8_bytes_and_keeps_a_held_model_of_the_same_weight_dtype(self, checkpoint):
+        """Two GPUs with room for one FP8 copy (not a bf16 one) each: fp8 gets a copy per worker, bf16 a TP pair."""
+        free = WORK_BYTES + shard_nbytes(checkpoint.model.params, 0, 1, torch.bfloat16, "fp8_e4m3fn")
+        pool = SimpleNamespace(spec=SimpleNamespace(devices=("cuda:0", "cuda:1")), is_running=False, holding={},
+                               call=lambda *args: [{"free_bytes": free}] * 2)  # fmt: skip
+        assert auto_split(pool, checkpoint.folder, "bf16", "fp8_e4m3fn") == Split(2, 1)
+        assert auto_split(pool, checkpoint.folder, "bf16", "bf16") == Split(1, 2)
+        pool.is_running, pool.holding["bagel"] = True, (checkpoint.folder, "bf16", "fp8_e4m3fn", Split(1, 1))
+        assert auto_split(pool, checkpoint.folder, "bf16", "fp8_e4m3fn") == Split(1, 1)
+        assert auto_split(pool, checkpoint.folder, "bf16", "bf16") == Split(1, 2) and "bagel" not in pool.holding
+
+    def test_fp8_gemms_on_cpu_workers_are_refused_in_one_line_before_a_worker_starts(self, checkpoint):
+        pool = WorkerPool(PoolSpec.parse("cpu:2", "bf16", 60))
+        special, folder = checkpoint.tokenizer.special, checkpoint.folder
+        for load in (lambda: PoolBagel(pool, folder, special, "bf16", Split(1, 2), weight_dtype="fp8_e4m3fn_fast"),
+                     lambda: load_on_pool(pool, folder, "bf16", weight_dtype="fp8_e4m3fn_fast")):  # fmt: skip
+            with pytest.raises(ValueError, match=r"fp8_e4m3fn_fast needs FP8 tensor cores .*; cpu has no compute "
+                               r"capability \(not a CUDA GPU\)\. Use fp8_e4m3fn") as refused:  # fmt: skip
+                load()
+            assert "\n" not in str(refused.value) and not pool.is_running
 
 
 class TestContexts:

@@ -4,9 +4,12 @@ The ranks load their shards of a tiny checkpoint with 8 query heads on 2 KV head
 2 ranks split the KV heads, 3 ranks get uneven heads (3, 3, 2) and rank 1 of 3 reads both KV heads, and 4 ranks
 replicate each KV head on two ranks. Each rank runs a causal text prefill, a generation-expert velocity pass, a
 clean latent block that updates the cache, and greedy decode steps; the reference is `load_bagel` in this
-process, which shares no sharding code.
+process, which shares no sharding code. With FP8 weights every rank must hold exactly the slices of the FP8 model
+`load_bagel` builds, worked out by hand below (a column split keeps its whole rows' scales).
 """
 
+import importlib.util
+import os
 from datetime import timedelta
 
 import pytest
@@ -17,6 +20,7 @@ from ranks import run_ranks
 from bagel_vae_pp.bagel.config import CONFIGS
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.model import EMPTY_CONTEXT
+from bagel_vae_pp.bagel.quantize import FP8
 from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
 from bagel_vae_pp.bagel.tokenizer import BagelTokenizer
 from bagel_vae_pp.bagel.tp import load_bagel_shard, shard_nbytes, shard_plan
@@ -32,6 +36,15 @@ KV_HEADS = {
     3: [(0, 1), (0, 2), (1, 2)],  # heads 0-2, 3-5, 6-7: heads 3 and 4, 5 straddle the two groups
     4: [(0, 1), (0, 1), (1, 2), (1, 2)],
 }
+# The rest of each rank's slices of TINY_TP_PARAMS, by hand: query heads (16 dims each), MLP rows (176, not a
+# multiple of 64: split row by row). q/k/v/gate/up_proj are split by output rows, o/down_proj by input columns.
+HEAD_DIM = 16
+HEADS = {1: [(0, 8)], 2: [(0, 4), (4, 8)], 3: [(0, 3), (3, 6), (6, 8)]}
+MLP_ROWS = {1: [(0, 176)], 2: [(0, 88), (88, 176)], 3: [(0, 59), (59, 118), (118, 176)]}
+ROW_SPLIT = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
+COLUMN_SPLIT = {"o_proj": "heads", "down_proj": "mlp"}
+# (checkpoint layout, weight dtype) of the shards compared with load_bagel's model.
+FP8_CASES = [("bf16", "fp8_e4m3fn"), ("fp8", "fp8_e4m3fn"), ("fp8", "bf16")]
 
 
 def run_passes(model, tokenizer) -> dict:
@@ -73,13 +86,72 @@ def run_tp_ranks(tmp_path, world, folder) -> list[dict]:
     return [torch.load(path) for path in outs]
 
 
+def shards_main(rank, world, cases, store_path, out_path):
+    """Load this rank's shard for each (folder, weight dtype) of `cases` and save their state dicts."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        shards = [load_bagel_shard(folder, rank, world, "cpu", torch.float32, dist.group.WORLD, weight_dtype)
+                  for folder, weight_dtype in cases]  # fmt: skip
+        torch.save([shard.state_dict() for shard in shards], out_path)
+    finally:
+        dist.destroy_process_group()
+
+
 def rel_err(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max())
+
+
+def expected_slice(key: str, whole: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """What rank `rank` of `world` holds of the whole model's tensor `key`, from the hand-worked tables: a row
+    split's rows of the weight, its scales and its bias; a column split's columns of the weight and all scales."""
+    parts = key.split(".")
+    linear = parts[-2].removesuffix("_moe_gen")
+    if not key.startswith("language_model.model.layers.") or linear not in ROW_SPLIT | COLUMN_SPLIT:
+        return whole
+    dims = lambda heads: [(a * HEAD_DIM, b * HEAD_DIM) for a, b in heads]  # noqa: E731
+    blocks = {"heads": dims(HEADS[world]), "kv_heads": dims(KV_HEADS[world]), "mlp": MLP_ROWS[world]}
+    if linear in ROW_SPLIT:
+        a, b = blocks[ROW_SPLIT[linear]][rank]
+        return whole[a:b]
+    a, b = blocks[COLUMN_SPLIT[linear]][rank]
+    return whole if parts[-1] == "weight_scale" else whole[:, a:b]
+
+
+def assert_same_bits(got: dict, whole: dict, rank: int, world: int) -> None:
+    assert got.keys() == whole.keys()
+    for key, t in got.items():
+        want = expected_slice(key, whole[key], rank, world)
+        assert t.dtype == want.dtype and t.shape == want.shape, (key, t.dtype, t.shape, want.dtype, want.shape)
+        bits = (lambda x: x.view(torch.uint8)) if t.dtype == FP8 else (lambda x: x)  # noqa: E731
+        assert torch.equal(bits(t), bits(want)), key
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("bagel_tp")), seed=3, params=TINY_TP_PARAMS)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(checkpoint, tmp_path_factory):
+    """The same checkpoint in the FP8 layout, written by tools/quantize_bagel_fp8.py."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools/quantize_bagel_fp8.py")
+    spec = importlib.util.spec_from_file_location("quantize_bagel_fp8", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folder = str(tmp_path_factory.mktemp("bagel_tp_fp8"))
+    tool.main([checkpoint, folder])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp8_cases(checkpoint, fp8_checkpoint):
+    """[(folder, weight dtype)] of FP8_CASES, and load_bagel's whole model of each (its state dict)."""
+    cases = [({"bf16": checkpoint, "fp8": fp8_checkpoint}[layout], wd) for layout, wd in FP8_CASES]
+    wholes = [load_bagel(folder, dtype=torch.float32, weight_dtype=wd).model.state_dict() for folder, wd in cases]
+    return cases, wholes
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +203,24 @@ class TestPlan:
 
 
 class TestShardBytes:
+    def test_full_size_fp8_rank_holds_a_byte_per_weight_and_its_rows_scales(self):
+        # Decoder-layer Linear weights in FP8 (1 byte) with an fp32 scale per output row: a row split halves its
+        # rows, o_proj and down_proj keep all D rows (their scales are the whole rows'). Biases and the rest bf16.
+        D, inter, kv, layers, total = 3584, 18944, 512, 28, 14_607_260_128
+        weights = 2 * layers * (2 * D * D + 2 * kv * D + 3 * D * inter)
+        biases = 2 * layers * (D + 2 * kv)
+        rest = total - weights - biases
+        split_rows, whole_rows = 2 * layers * (D + 2 * kv + 2 * inter), 2 * layers * 2 * D  # scales
+        params = CONFIGS["7b-mot"]
+        for weight_dtype in ("fp8_e4m3fn", "fp8_e4m3fn_fast"):
+            assert shard_nbytes(params, 0, 1, torch.bfloat16, weight_dtype) == (
+                2 * (rest + biases) + weights + 4 * (split_rows + whole_rows)
+            )
+            for rank in range(2):
+                assert shard_nbytes(params, rank, 2, torch.bfloat16, weight_dtype) == (
+                    2 * (rest + biases // 2) + weights // 2 + 4 * (split_rows // 2 + whole_rows)
+                )
+
     def test_full_size_rank_holds_its_half_of_every_layer_and_all_the_rest(self):
         # Per layer and expert (bf16): q_proj with bias, k/v_proj with bias, o_proj, gate/up/down; the q/k norms
         # and the two layer norms stay whole. Hand-counted from the config, not from a model.
@@ -164,3 +254,23 @@ class TestRanksMatchTheUnshardedModel:
     def test_gloo_ranks(self, tmp_path, checkpoint, reference, world):
         for rank, got in enumerate(run_tp_ranks(tmp_path, world, checkpoint)):
             self.check(got, reference, rank, world)
+
+
+class TestFp8Shards:
+    """Each rank's FP8 weights and scales are the slices of load_bagel's FP8 model, bit for bit, whether quantized
+    from the bf16 file or read from an FP8 checkpoint (and its bf16 weights read back from the FP8 file)."""
+
+    def test_one_rank_holds_the_whole_fp8_model(self, fp8_cases):
+        for (folder, weight_dtype), whole in zip(*fp8_cases):
+            assert_same_bits(load_bagel_shard(folder, 0, 1, "cpu", torch.float32, None, weight_dtype).state_dict(),
+                             whole, 0, 1)  # fmt: skip
+
+    @pytest.mark.parametrize("world", [2, 3])
+    def test_gloo_ranks_hold_slices_of_the_fp8_model(self, tmp_path, fp8_cases, world):
+        cases, wholes = fp8_cases
+        outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+        store = str(tmp_path / "store")
+        run_ranks(shards_main, lambda r: (r, world, cases, store, str(outs[r])), world, TIMEOUT_S)
+        for rank, out in enumerate(outs):
+            for got, whole in zip(torch.load(out), wholes):
+                assert_same_bits(got, whole, rank, world)

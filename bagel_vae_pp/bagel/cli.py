@@ -297,8 +297,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=0, help="seeds the CPU generator (official draw order)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights and compute; the VAE stays fp32")
     p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16",
-                   help="storage of the language model's layers: bf16, fp8_e4m3fn (computed in --dtype), "
-                   "fp8_e4m3fn_fast (FP8 GEMMs: bf16, GPUs of compute capability 8.9+)")  # fmt: skip
+                   help="storage of the language model's layers, in this process or on each worker of a pool: "
+                   "bf16, fp8_e4m3fn (computed in --dtype), fp8_e4m3fn_fast (FP8 GEMMs: bf16, GPUs of compute "
+                   "capability 8.9+)")  # fmt: skip
     where = (
         f"{IN_PROCESS}: the first GPU, else the CPU; cpu:N, all or GPU ids 0,1,...: a worker pool, BAGEL split "
         "over its workers (see --split)"

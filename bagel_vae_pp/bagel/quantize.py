@@ -47,15 +47,22 @@ def row_scales(amax: Tensor) -> Tensor:
     return torch.where(amax > 0, amax / 448, 1.0)
 
 
+def row_amax(t: Tensor) -> Tensor:
+    """max |t| of each row of t [N, K], in fp32 [N]: one reduction, no |t| copy (a maximum is exact in any dtype)."""
+    return torch.linalg.vector_norm(t, float("inf"), dim=1).float()
+
+
 @torch.no_grad()
-def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows(t: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """t [N, K] -> (float8_e4m3fn [N, K], fp32 scales [N]) with t ~ q * scale[:, None], one scale per row.
 
-    Rows are a weight's output channels or an activation's tokens. The row maxima come from one reduction (no |t|
-    copy); the quotient is formed in fp32 by the division itself (t's dtype promoted to the scale's: one fp32
-    temporary [N, K]) and rounded to e4m3; it is at most 448 * (1 + 2^-23), which rounds to 448: never saturates.
+    Rows are a weight's output channels or an activation's tokens. `amax` [N]: the rows' maxima when t holds only
+    some columns of longer rows (a tensor-parallel shard of a weight split by input columns, tp.py), so that its
+    scales and quotients are the whole weight's; by default row_amax(t). The quotient is formed in fp32 by the
+    division itself (t's dtype promoted to the scale's: one fp32 temporary [N, K]) and rounded to e4m3; it is at
+    most 448 * (1 + 2^-23), which rounds to 448: never saturates.
     """
-    scale = row_scales(torch.linalg.vector_norm(t, float("inf"), dim=1))  # [N]
+    scale = row_scales(row_amax(t) if amax is None else amax)  # [N]
     return (t / scale[:, None]).to(FP8), scale
 
 

@@ -67,5 +67,5 @@ def choose_split(
     raise ValueError(
         f"BAGEL does not fit the pool: split over all {workers} worker(s) each needs "
         f"{(shard_bytes(workers) + WORK_BYTES) / GIB:.1f} GiB and the fullest device has {room / GIB:.1f} GiB free. "
-        "Add devices to the pool, free memory on them, or load BAGEL without a pool with weight_dtype fp8_e4m3fn."
+        "Add devices to the pool, free memory on them, or store the weights in FP8 (weight_dtype fp8_e4m3fn)."
     )

@@ -15,6 +15,14 @@ stream stays replicated, identical on every rank. The KV caches hold the rank's 
 
 Each rank reads only its slices from ema.safetensors (`get_slice(name)[rows]` or `[:, cols]`) into a model
 built on the meta device and loaded with `assign=True` after the strict key check of loader.py.
+
+FP8 weights (quantize.py) shard so that every rank holds exactly its slice of the whole model's FP8 tensors:
+a row split's scales are its rows' own (one per output channel); a column split (o_proj, down_proj) keeps every
+output channel, whose scale is its whole row's, so each rank quantizes its columns with the row maxima taken
+over all ranks' columns (an all-reduce MAX of [out] fp32 per weight at load; an FP8 checkpoint stores whole-row
+scales already). With fp8_e4m3fn_fast the activations of a column split are scaled per token over the rank's
+columns only (each partial GEMM is the FP8 GEMM of its slice; no coarser than the whole row's scale), so tensor
+parallel changes that mode's rounding slightly.
 """
 
 from __future__ import annotations
@@ -28,10 +36,23 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from ..kernels.dequant import dequantize_rows
 from .config import BagelParams, LLMConfig
 from .llm import Qwen2MoTForCausalLM
 from .loader import check_folder, check_keys, read_folder_params
 from .model import Bagel
+from .quantize import (
+    check_weight_dtype,
+    fp8_key,
+    is_fp8_checkpoint,
+    is_quantized_weight,
+    quantize_llm_,
+    quantize_rows,
+    quantizer,
+    row_amax,
+    scale_key,
+    stored_layout,
+)
 
 MLP_UNIT = 64  # MLP rows per rank come in multiples of this when the size has enough of them (18944 = 296 x 64)
 # Linear of a layer (either expert, without `_moe_gen`) -> (dim of the weight [out, in] that is split, which block).
@@ -134,6 +155,13 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return x
 
 
+def all_reduce_max(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The elementwise maximum of x over the ranks of `group`, in place; a no-op without a group or on one rank."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
 def attach_group(lm: Qwen2MoTForCausalLM, group: dist.ProcessGroup) -> None:
     """Make every layer of a shard sum its attention and MLP partials over `group` (the ranks of its plan)."""
     reduce = functools.partial(all_reduce_sum, group=group)
@@ -141,12 +169,20 @@ def attach_group(lm: Qwen2MoTForCausalLM, group: dist.ProcessGroup) -> None:
         layer.reduce = reduce
 
 
-def shard_nbytes(params: BagelParams, rank: int, world: int, dtype: torch.dtype) -> int:
-    """Parameter bytes that rank `rank` of `world` holds (from the shapes; nothing is allocated)."""
+def shard_model(params: BagelParams, plan: ShardPlan, dtype: torch.dtype, weight_dtype: str) -> Bagel:
+    """The empty shard of `plan` on the meta device: the split Linears' shapes, then their `weight_dtype` form
+    (quantize.quantize_llm_: FP8 shells with [out] scales), computed in `dtype`."""
     with torch.device("meta"):
-        model = Bagel(params)
-    shard_(model, shard_plan(params.llm, rank, world))
-    return sum(p.numel() for p in model.state_dict().values()) * dtype.itemsize
+        model = Bagel(params).to(dtype)
+    shard_(model, plan)
+    return quantize_llm_(model, weight_dtype)
+
+
+def shard_nbytes(params: BagelParams, rank: int, world: int, dtype: torch.dtype, weight_dtype: str = "bf16") -> int:
+    """Bytes of the weights (and FP8 scales) that rank `rank` of `world` holds, from the shapes (nothing is
+    allocated): `dtype` for everything but the decoder-layer Linears, which weight_dtype may store in FP8."""
+    model = shard_model(params, shard_plan(params.llm, rank, world), dtype, weight_dtype)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def read_slice(f, key: str, split: tuple[int, int, int] | None) -> Tensor:
@@ -157,8 +193,56 @@ def read_slice(f, key: str, split: tuple[int, int, int] | None) -> Tensor:
     return f.get_slice(key)[a:b] if dim == 0 else f.get_slice(key)[:, a:b]
 
 
+def scale_split(split: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """The slice of a weight's [out] scales that goes with the weight's slice `split`: a row split's rows; all of
+    them for a column split (every output channel stays, and its scale is its whole row's)."""
+    return split if split is not None and split[0] == 0 else None
+
+
+def quantize_slice(t: Tensor, split: tuple[int, int, int] | None, group: dist.ProcessGroup | None):
+    """quantize_rows of this rank's slice `t` of a weight, with the whole weight's scales (module docstring): the
+    rows of a column split are completed by the maximum over the group's ranks."""
+    amax = row_amax(t)  # [out]
+    if split is not None and split[0] == 1:
+        all_reduce_max(amax, group)
+    return quantize_rows(t, amax)
+
+
+def read_shard(f, plan: ShardPlan, weight_dtype: str, device, dtype: torch.dtype, group: dist.ProcessGroup | None):
+    """(model key, tensor) for this rank's slice of every tensor of an open ema.safetensors in either layout, one
+    read at a time, as quantize.read_weights gives them for the whole model (same keys, slices of the same values):
+    decoder-layer Linears of an FP8 file sliced with their scales (scale_split); from a bf16 file, quantized on
+    `device` right after reading (quantize_slice: collectives in file order, the same on every rank); with "bf16"
+    from an FP8 file, dequantized to `dtype`. Everything else goes to `dtype`."""
+    keys = list(f.keys())
+    stored_fp8, quantized = is_fp8_checkpoint(keys), quantizer(weight_dtype) is not None
+    for key in keys:
+        if key.endswith(".weight_scale"):
+            continue  # read with its weight
+        split = split_of(plan, key)
+        t = read_slice(f, key, split).to(device)
+        if not is_quantized_weight(key, t.shape) or not (stored_fp8 or quantized):
+            yield key, t.to(dtype)
+            continue
+        if stored_fp8:
+            q, s = t, read_slice(f, scale_key(key), scale_split(split)).to(device)
+        else:
+            q, s = quantize_slice(t, split, group)
+        if quantized:
+            yield fp8_key(key), q
+            yield scale_key(key), s
+        else:
+            yield key, dequantize_rows(q, s, dtype)
+
+
 def load_bagel_shard(
-    folder: str, rank: int, world: int, device, dtype: torch.dtype, group: dist.ProcessGroup | None = None
+    folder: str,
+    rank: int,
+    world: int,
+    device,
+    dtype: torch.dtype,
+    group: dist.ProcessGroup | None = None,
+    weight_dtype: str = "bf16",
 ) -> Bagel:
     """Load rank `rank`'s shard of a BAGEL checkpoint folder: its slices of the language model, the rest whole.
 
@@ -169,21 +253,25 @@ def load_bagel_shard(
         device, dtype: where the weights go and in which dtype (bf16 on GPUs, fp32 for exact tests).
         group: the process group of the `world` ranks, whose all-reduces complete every layer (NCCL on GPUs,
             gloo on CPU); needed when world > 1.
+        weight_dtype: storage of the decoder-layer Linears, as load_bagel's (quantize.WEIGHT_DTYPES); either file
+            layout loads with any of them. Every rank holds the slices of what load_bagel would hold, bit for bit.
     Returns a Bagel whose methods (prefill_text, velocity, next_token_logits...) run the rank's part of each
     pass; every rank of the group must make the same calls in the same order.
     """
     if world > 1 and group is None:
         raise ValueError(f"a shard of a {world}-rank tensor-parallel group needs the group's process group.")
+    check_weight_dtype(weight_dtype, device, dtype)
     check_folder(folder)
     ema_path = os.path.join(folder, "ema.safetensors")
     params = read_folder_params(folder)
     plan = shard_plan(params.llm, rank, world)
     with torch.device("meta"):
-        model = Bagel(params)
+        whole = Bagel(params)
     with safe_open(ema_path, framework="pt") as f:
-        check_keys(model.state_dict(), {k: f.get_slice(k).get_shape() for k in f.keys()}, ema_path)
-        shard_(model, plan)
-        sd = {k: read_slice(f, k, split_of(plan, k)).to(device=device, dtype=dtype) for k in f.keys()}
+        found = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        check_keys(stored_layout(whole.state_dict(), is_fp8_checkpoint(found)), found, ema_path)
+        model = shard_model(params, plan, dtype, weight_dtype)
+        sd = dict(read_shard(f, plan, weight_dtype, device, dtype, group))  # one read at a time
     model.load_state_dict(sd, strict=True, assign=True)
     if world > 1:
         attach_group(model.language_model, group)
