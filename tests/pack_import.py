@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,3 +38,22 @@ def imported_as_comfyui(name: str, host_modules: dict):
                 sys.modules.pop(m, None)
             else:
                 sys.modules[m] = previous
+
+
+@contextmanager
+def submodule_as_comfyui(package: str, module: str, host_modules: dict):
+    """Import `package`.`module` (e.g. nodes.bagel_nodes) with the pack as a path-named package and the host
+    modules not yet imported stood in by `host_modules`, without running the root `__init__.py`; afterwards drop
+    the pack and those stand-ins."""
+    before = set(sys.modules)
+    stubs = {k: v for k, v in host_modules.items() if k not in sys.modules}
+    sys.modules.update(stubs)
+    pack = types.ModuleType(package)
+    pack.__path__ = [str(REPO)]
+    sys.modules[package] = pack
+    try:
+        yield importlib.import_module(f"{package}.{module}")
+    finally:
+        for key in set(sys.modules) - before:
+            if key in stubs or key.startswith(package):
+                del sys.modules[key]

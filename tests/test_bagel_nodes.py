@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from host_stub import InterruptProcessingException, progress_bar_class
+from pack_import import submodule_as_comfyui
 
 from bagel_vae_pp.autoencoder import random_autoencoder
 from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
@@ -92,18 +92,8 @@ def host(tmp_path_factory):
 @pytest.fixture(scope="module")
 def nodes(host):
     """nodes.bagel_nodes imported as ComfyUI does (a path-named package), host modules stubbed."""
-    before = set(sys.modules)
-    stubs = {k: v for k, v in host.modules().items() if k not in sys.modules}
-    sys.modules.update(stubs)
-    package = types.ModuleType(PACK)
-    package.__path__ = [str(REPO)]
-    sys.modules[PACK] = package
-    try:
-        yield importlib.import_module(f"{PACK}.nodes.bagel_nodes")
-    finally:
-        for key in set(sys.modules) - before:
-            if key in stubs or key.startswith(PACK):
-                del sys.modules[key]
+    with submodule_as_comfyui(PACK, "nodes.bagel_nodes", host.modules()) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,15 @@
 """Streamed decoder layers: the residency plan, streamed vs resident results, where the weights live, the node."""
 
-import importlib
 import logging
-import sys
-import types
 from dataclasses import replace
 from itertools import product
 
 import pytest
 import torch
 from host_stub import GpuMemory, ModelPatcher
+from pack_import import submodule_as_comfyui
 from safetensors.torch import load_file
-from test_bagel_nodes import REPO, Host, text_to_image_inputs
+from test_bagel_nodes import Host, text_to_image_inputs
 
 from bagel_vae_pp import cli
 from bagel_vae_pp.autoencoder import random_autoencoder
@@ -183,18 +181,8 @@ def gpu_nodes(tmp_path_factory):
     root = tmp_path_factory.mktemp("models_bagel")
     write_tiny_checkpoint(str(root / "five"), vae=random_autoencoder("flux"), vae_dtype=torch.bfloat16, params=FIVE)
     host = SmallGpuHost(str(root))
-    before = set(sys.modules)
-    stubs = {k: v for k, v in host.modules().items() if k not in sys.modules}
-    sys.modules.update(stubs)
-    package = types.ModuleType(PACK)
-    package.__path__ = [str(REPO)]
-    sys.modules[PACK] = package
-    try:
-        yield importlib.import_module(f"{PACK}.nodes.bagel_nodes"), host
-    finally:
-        for key in set(sys.modules) - before:
-            if key in stubs or key.startswith(PACK):
-                del sys.modules[key]
+    with submodule_as_comfyui(PACK, "nodes.bagel_nodes", host.modules()) as module:
+        yield module, host
 
 
 class TestNode:
