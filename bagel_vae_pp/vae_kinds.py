@@ -1,0 +1,62 @@
+"""Which VAE a state dict holds, and the engine's model for it.
+
+The keys that tell the kinds apart are the ones `comfy.sd.VAE` selects its model by, so the pool accepts what core
+VAE Decode accepts. Kinds ComfyUI loads that the engine does not run yet get an error naming what was found.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import autoencoder, wan
+
+# kind -> (config read off the weights, model class)
+KINDS = {
+    "ldm": (autoencoder.detect_params, autoencoder.AutoEncoder),
+    "wan2.1": (wan.detect_params, wan.WanVAE),
+}
+# Video VAEs ComfyUI loads, by a key only they carry (first match wins: Wan 2.2 also has Wan 2.1's keys).
+NOT_YET = {
+    "decoder.upsamples.0.upsamples.0.residual.2.weight": "a Wan 2.2 VAE (TI2V-5B, 48 latent channels)",
+    "encoder.downsamples.0.downsamples.0.residual.2.weight": "a Wan 2.2 VAE (TI2V-5B, 48 latent channels)",
+    "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": "an LTX-Video VAE",
+    "decoder.conv_in.conv.weight": "a HunyuanVideo VAE",
+    "encoder.conv_in.conv.weight": "a HunyuanVideo VAE",
+}
+WAN21_KEYS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
+
+
+def detect_kind(sd: dict[str, Tensor]) -> str:
+    """'ldm' or 'wan2.1' for a state dict with prefixes stripped; a ValueError for the video VAEs not run yet."""
+    for key, what in NOT_YET.items():
+        if key in sd:
+            raise ValueError(
+                f"vae: this is {what} (it has '{key}'); Distributed VAE Decode/Encode runs LDM/FLUX image VAEs and "
+                "the Wan 2.1 VAE so far. Use core VAE Decode / VAE Encode for it."
+            )
+    return "wan2.1" if any(k in sd for k in WAN21_KEYS) else "ldm"
+
+
+def detect_params(sd: dict[str, Tensor]):
+    """The configuration of whichever supported VAE `sd` holds (AutoEncoderParams or WanParams)."""
+    return KINDS[detect_kind(sd)][0](sd)
+
+
+def vae_from_state_dict(
+    sd: dict[str, Tensor], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Build the model the weights describe (AutoEncoder or WanVAE) and load them strictly.
+
+    Args:
+        sd: a state dict as ComfyUI's VAE Loader holds it, optionally under `first_stage_model.` / `vae.`.
+        device: where the weights go.
+        dtype: weight dtype; None keeps the checkpoint's.
+    """
+    sd = autoencoder.strip_prefixes(sd)
+    detect, model_class = KINDS[detect_kind(sd)]
+    return autoencoder.load_strict(model_class, detect(sd), sd, device, dtype)
+
+
+def is_video(params) -> bool:
+    return isinstance(params, wan.WanParams)
