@@ -60,3 +60,9 @@ def vae_from_state_dict(
 
 def is_video(params) -> bool:
     return isinstance(params, wan.WanParams)
+
+
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """The image autoencoder in the worker's layout (channels_last on GPUs); video models stay contiguous (their
+    3-D conv weights have no channels_last)."""
+    return model if is_video(model.params) else model.to(memory_format=memory_format)

@@ -75,3 +75,45 @@ def test_bands_decode_and_encode_as_the_whole_video(tmp_path, world, h, w):
     assert decoded.shape == (1, 3, 9, 8 * h, 8 * w)
     assert max_rel_err(decoded, ref_decoded) <= 1e-4
     assert max_rel_err(encoded, ref_encoded) <= 1e-4
+
+
+class TestPool:
+    """The real pool (CPU workers, gloo) on the tiny Wan VAE: what the nodes get, against the module."""
+
+    @pytest.fixture(scope="class")
+    def vae(self):
+        return random_wan("tiny", seed=SEED)
+
+    @pytest.mark.parametrize("workers", [2, 3])
+    def test_decode_and_encode_equal_the_module(self, cpu_pool, vae, workers):
+        z, video = inputs(5, 3)
+        z = torch.cat([z, -z])  # two videos: their frames come back one video after the other, as core's
+        frames = (video[0].permute(1, 2, 3, 0) + 1) / 2  # an IMAGE batch [9, 40, 24, 3] in [0, 1]
+        pool = cpu_pool(workers)
+        decoded = pool.decode(vae, z)
+        encoded = pool.encode(vae, frames)
+        with torch.inference_mode():
+            ref = ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(18, 40, 24, 3)
+            ref_encoded = vae.encode(frames.permute(3, 0, 1, 2)[None] * 2 - 1)
+        assert decoded.shape == (18, 40, 24, 3) and encoded.shape == (1, 4, 3, 5, 3)
+        assert max_rel_err(decoded, ref) <= 1e-4
+        assert max_rel_err(encoded, ref_encoded) <= 1e-4
+
+    def test_bad_inputs_get_one_clear_error_each_and_harm_no_worker(self, cpu_pool, vae, tiny_vae):
+        pool = cpu_pool(2)
+        z, _ = inputs(3, 2)
+        bad = z.clone()
+        bad[0, 1, 1, 1, 1] = float("nan")
+        cases = [
+            (lambda: pool.decode(vae, z[:, :, 0]), r"video VAE \(Wan 2.1\) decodes a video latent \[B, C, T, H, W\]"),
+            (lambda: pool.decode(tiny_vae, torch.randn(1, 16, 2, 3, 2)), "image VAE decodes an image latent"),
+            (lambda: pool.decode(vae, z[:, :3]), "the latent has 3 channels but this VAE takes 4"),
+            (lambda: pool.decode(vae, bad), "contains 1 NaN/Inf"),
+            (lambda: pool.decode(vae, z, mode="tiled"), "not available for video VAEs yet; use exact"),
+        ]
+        for call, message in cases:
+            with pytest.raises(ValueError, match=message):
+                call()
+        with torch.inference_mode():
+            ref = ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        assert max_rel_err(pool.decode(vae, z), ref) <= 1e-4
