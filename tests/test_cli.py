@@ -1,8 +1,11 @@
 """The bench's exactness check: which pool rows fail it, and that a failure is the exit code."""
 
+import json
+
 import pytest
 
 from bagel_vae_pp import cli
+from bagel_vae_pp.wan import random_wan
 
 
 def row(op, mode, dtype, err):
@@ -30,3 +33,25 @@ def test_a_failed_check_is_exit_code_1(monkeypatch, capsys):
     monkeypatch.setattr(cli, "print_table", lambda rows: None)
     assert cli.main(["bench", "--device", "cpu"]) == 1
     assert "exactness check failed: decode through the pool is off by 1.00e-03" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_wan_bench_rows_carry_frames_and_pass_the_exactness_check(monkeypatch, capsys, workers):
+    """The video bench end to end on the real pool (the tiny Wan for speed): 40 px = 5 latent rows, 5 frames."""
+    monkeypatch.setitem(cli.RANDOM_VAES, "wan2.1", lambda: random_wan("tiny", seed=2))
+    argv = ["bench", "--vae-arch", "wan2.1", "--device", "cpu", "--workers", str(workers), "--size", "40"]
+    assert cli.main([*argv, "--frames", "5", "--repeat", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    keys = {"op", "size", "batch", "frames", "dtype", "device", "mode", "workers", "ms", "peak_gib", "max_abs_err",
+            "max_rel_err"}  # fmt: skip
+    assert [(r["op"], r["mode"], r["workers"]) for r in rows] == [
+        ("decode", "full", 1), ("decode", "exact", workers), ("encode", "full", 1), ("encode", "exact", workers)
+    ]  # fmt: skip
+    assert all(set(r) == keys and r["frames"] == 5 for r in rows)
+    assert all(r["max_rel_err"] <= 1e-4 for r in rows)
+
+
+def test_a_video_bench_refuses_a_batch(capsys):
+    assert cli.main(["bench", "--vae-arch", "wan2.1", "--device", "cpu", "--batch", "2"]) == 2
+    assert "a video VAE bench runs one video" in capsys.readouterr().err
