@@ -40,6 +40,10 @@ def test_a_failed_check_is_exit_code_1(monkeypatch, capsys):
 def test_wan_bench_rows_carry_frames_and_pass_the_exactness_check(monkeypatch, capsys, workers):
     """The video bench end to end on the real pool (the tiny Wan for speed): 40 px = 5 latent rows, 5 frames."""
     monkeypatch.setitem(cli.RANDOM_VAES, "wan2.1", lambda: random_wan("tiny", seed=2))
+    shapes, bench_op = {}, cli.bench_op
+    monkeypatch.setattr(
+        cli, "bench_op", lambda ae, op, data, *a: shapes.setdefault(op, data.shape) and bench_op(ae, op, data, *a)
+    )
     argv = ["bench", "--vae-arch", "wan2.1", "--device", "cpu", "--workers", str(workers), "--size", "40"]
     assert cli.main([*argv, "--frames", "5", "--repeat", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -50,6 +54,7 @@ def test_wan_bench_rows_carry_frames_and_pass_the_exactness_check(monkeypatch, c
     ]  # fmt: skip
     assert all(set(r) == keys and r["frames"] == 5 for r in rows)
     assert all(r["max_rel_err"] <= 1e-4 for r in rows)
+    assert shapes == {"decode": (1, 4, 2, 5, 5), "encode": (5, 40, 40, 3)}  # 5 frames in, 2 latent frames
 
 
 def test_a_video_bench_refuses_a_batch(capsys):
