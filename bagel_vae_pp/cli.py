@@ -2,7 +2,7 @@
 `python -m bagel_vae_pp bagel ...`: BAGEL without ComfyUI (bagel/cli.py).
 
 With no `--vae` the model is a seeded random-weight autoencoder of the full `--vae-arch` architecture (FLUX, or
-the Wan 2.1 video VAE on a `--frames` video), so the bench runs anywhere. Errors are max |x - ref| (abs) and that
+a Wan 2.1 / 2.2 video VAE on a `--frames` video), so the bench runs anywhere. Errors are max |x - ref| (abs) and that
 divided by max |ref| (rel), against the single-process fp32 full-image result on the same input.
 """
 
@@ -22,9 +22,14 @@ from .bagel.cli import add_bagel_parser, run_bagel
 from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
 from .vae_kinds import is_video, vae_from_state_dict
 from .wan import random_wan
+from .wan22 import random_wan22
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RANDOM_VAES = {"flux": lambda: random_autoencoder("flux"), "wan2.1": lambda: random_wan("wan2.1")}
+RANDOM_VAES = {
+    "flux": lambda: random_autoencoder("flux"),
+    "wan2.1": lambda: random_wan("wan2.1"),
+    "wan2.2": lambda: random_wan22("wan2.2"),
+}
 
 
 def test_image(size: int, batch: int = 1, phase: float = 0.0) -> torch.Tensor:
@@ -132,6 +137,8 @@ def bench_op(ae, op, data, args, device) -> list[dict]:
 def bench(args) -> list[dict]:
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
     ae = load_vae(args.vae, args.vae_arch).float()
+    if args.size % ae.params.downscale:
+        raise ValueError(f"--size {args.size}: this VAE needs a multiple of {ae.params.downscale} pixels.")
     video = is_video(ae.params)
     args.frames = args.frames if video else 1
     if video and args.batch != 1:

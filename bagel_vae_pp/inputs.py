@@ -83,7 +83,7 @@ def check_video_latent(latent: Tensor, params) -> Tensor:
         raise ValueError("vae: this VAE has no decoder weights; load a full VAE to decode.")
     if getattr(latent, "is_nested", False) or latent.ndim != 5:
         raise ValueError(
-            f"samples: this video VAE (Wan 2.1) decodes a video latent [B, C, T, H, W], got shape "
+            f"samples: this video VAE (Wan) decodes a video latent [B, C, T, H, W], got shape "
             f"{tuple(latent.shape)}; an image latent needs the image VAE of the model that made it."
         )
     if latent.shape[2] == 0:

@@ -22,7 +22,7 @@ SECONDS_PER_MPX = {"cuda": 2.0, "cpu": 120.0}
 # BENCHMARKS.md: 8.73 GiB for a 4096² decode band, 6.28 GiB for an encode band), rounded up; plus a base
 # for weights, workspace and the CUDA context.
 PEAK_BYTES_PER_PX = {"decode": 2400, "encode": 1700}
-# The same per pixel of one frame for the Wan 2.1 VAE, whose chunks are up to 4 frames deep and whose causal caches
+# The same per pixel of one frame for the Wan VAEs, whose chunks are up to 4 frames deep and whose causal caches
 # hold 2 frames per 3-D conv: an estimate, not yet measured (ComfyUI reserves 7000 x 2 B per frame pixel in bf16).
 VIDEO_PEAK_BYTES_PER_PX = {"decode": 8000, "encode": 6000}
 WORKER_BASE_BYTES = 1 << 30
@@ -51,7 +51,7 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
     Args:
         pool: a WorkerPool.
         op: "decode" or "encode".
-        vae: a module holding LDM-layout or Wan 2.1 weights (our AutoEncoder / WanVAE or ComfyUI's
+        vae: a module holding LDM-layout or Wan 2.1 / 2.2 weights (our AutoEncoder / WanVAE(22) or ComfyUI's
             first_stage_model); its weights are sent once and reused while the same module comes back.
         data: decode: a LATENT [B, z, h, w] (video VAE: [B, z, T, h, w]) in raw VAE space; encode: an IMAGE
             [B, H, W, 3] in [0, 1] (video VAE: the frames of one video).

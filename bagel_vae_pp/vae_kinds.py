@@ -9,33 +9,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import autoencoder, wan
+from . import autoencoder, wan, wan22
 
 # kind -> (config read off the weights, model class)
 KINDS = {
     "ldm": (autoencoder.detect_params, autoencoder.AutoEncoder),
     "wan2.1": (wan.detect_params, wan.WanVAE),
+    "wan2.2": (wan22.detect_params, wan22.WanVAE22),
 }
-# Video VAEs ComfyUI loads, by a key only they carry (first match wins: Wan 2.2 also has Wan 2.1's keys).
+# Video VAEs ComfyUI loads, by a key only they carry.
 NOT_YET = {
-    "decoder.upsamples.0.upsamples.0.residual.2.weight": "a Wan 2.2 VAE (TI2V-5B, 48 latent channels)",
-    "encoder.downsamples.0.downsamples.0.residual.2.weight": "a Wan 2.2 VAE (TI2V-5B, 48 latent channels)",
     "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": "an LTX-Video VAE",
     "decoder.conv_in.conv.weight": "a HunyuanVideo VAE",
     "encoder.conv_in.conv.weight": "a HunyuanVideo VAE",
 }
-WAN21_KEYS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
+WAN_KEYS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
+# Among Wan VAEs, what only Wan 2.2's nested level blocks have (the first is comfy/sd.py's own test).
+WAN22_KEYS = (
+    "decoder.upsamples.0.upsamples.0.residual.2.weight",
+    "encoder.downsamples.0.downsamples.0.residual.2.weight",
+)
 
 
 def detect_kind(sd: dict[str, Tensor]) -> str:
-    """'ldm' or 'wan2.1' for a state dict with prefixes stripped; a ValueError for the video VAEs not run yet."""
+    """'ldm', 'wan2.1' or 'wan2.2' for a state dict with prefixes stripped; a ValueError for the video VAEs not
+    run yet."""
     for key, what in NOT_YET.items():
         if key in sd:
             raise ValueError(
                 f"vae: this is {what} (it has '{key}'); Distributed VAE Decode/Encode runs LDM/FLUX image VAEs and "
-                "the Wan 2.1 VAE so far. Use core VAE Decode / VAE Encode for it."
+                "the Wan 2.1 and 2.2 VAEs so far. Use core VAE Decode / VAE Encode for it."
             )
-    return "wan2.1" if any(k in sd for k in WAN21_KEYS) else "ldm"
+    if not any(k in sd for k in WAN_KEYS):
+        return "ldm"
+    return "wan2.2" if any(k in sd for k in WAN22_KEYS) else "wan2.1"
 
 
 def detect_params(sd: dict[str, Tensor]):

@@ -1,4 +1,4 @@
-"""One rank's share of a video VAE job (Wan 2.1): its rows of every frame, chunk by chunk, written straight into
+"""One rank's share of a video VAE job (Wan 2.1 / 2.2): its rows of every frame, chunk by chunk, written straight into
 the host's output as each chunk finishes.
 
 Layouts are ComfyUI's: a video LATENT is [B, z, T, h, w] float32 in raw VAE space; frames are an IMAGE

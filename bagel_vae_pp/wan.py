@@ -31,17 +31,19 @@ Cache = dict  # temporal conv -> the input frames its next chunk's windows reach
 
 @dataclass(frozen=True)
 class WanParams:
-    dim: int  # base width (96)
-    z_channels: int  # latent channels (ComfyUI's z_dim: 16)
+    dim: int  # encoder base width (Wan 2.1: 96, Wan 2.2: 160)
+    decoder_dim: int  # decoder base width (Wan 2.1: the same, Wan 2.2: 256)
+    z_channels: int  # latent channels (ComfyUI's z_dim: 16, Wan 2.2: 48)
     dim_mult: tuple[int, ...]  # width multiplier per resolution level ((1, 2, 4, 4))
     num_res_blocks: int  # residual blocks per encoder level; the decoder has one more
     temporal_down: tuple[bool, ...]  # per encoder level but the last: its downsample halves time too
+    patch: int  # pixels per side folded into channels before the encoder (Wan 2.1: 1, Wan 2.2: 2)
     has_encoder: bool
     has_decoder: bool
 
     @property
     def downscale(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return self.patch * 2 ** (len(self.dim_mult) - 1)
 
     @property
     def time_scale(self) -> int:
@@ -111,6 +113,24 @@ def downsample_time(conv: nn.Conv3d, x: Tensor, cache: Cache) -> Tensor:
     return F.conv3d(torch.cat([past, x], dim=2), conv.weight, conv.bias, stride=(2, 1, 1))
 
 
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[B, C, T, p*h, p*w] -> [B, C*p*p, T, h, w], channel c*p*p + j*p + i from pixel (row i, column j) of each
+    p x p block (ComfyUI's `b c f (h q) (w r) -> b (c r q) f h w`)."""
+    if p == 1:
+        return x
+    B, C, T, H, W = x.shape
+    x = x.view(B, C, T, H // p, p, W // p, p).permute(0, 1, 6, 4, 2, 3, 5)  # [B, C, j, i, T, h, w]
+    return x.reshape(B, C * p * p, T, H // p, W // p)
+
+
+def unpatchify(x: Tensor, p: int) -> Tensor:
+    if p == 1:
+        return x
+    B, C, T, h, w = x.shape
+    x = x.view(B, C // (p * p), p, p, T, h, w).permute(0, 1, 4, 5, 3, 6, 2)  # [B, C', T, h, i, w, j]
+    return x.reshape(B, C // (p * p), T, h * p, w * p)
+
+
 def frames(x: Tensor) -> Tensor:
     """[B, C, T, H, W] -> [B*T, C, H, W], frames batch-major (as ComfyUI's `b c t h w -> (b t) c h w`)."""
     B, C, T, H, W = x.shape
@@ -171,13 +191,13 @@ class AttentionBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """Spatial 2x up (nearest + 3x3 conv to half the channels) or down ((0,1,0,1) pad + stride-2 3x3 conv), per
+    """Spatial 2x up (nearest + 3x3 conv to c_out channels) or down ((0,1,0,1) pad + stride-2 3x3 conv), per
     frame; with `temporal`, a time conv first doubles the frames (up) or afterwards halves them (down)."""
 
-    def __init__(self, dim: int, up: bool, temporal: bool):
+    def __init__(self, dim: int, c_out: int, up: bool, temporal: bool):
         super().__init__()
         self.up, self.temporal = up, temporal
-        conv = nn.Conv2d(dim, dim // 2, 3, padding=1) if up else nn.Conv2d(dim, dim, 3, stride=2)
+        conv = nn.Conv2d(dim, c_out, 3, padding=1) if up else nn.Conv2d(dim, c_out, 3, stride=2)
         self.resample = nn.Sequential(nn.Identity(), conv)  # index 0: ComfyUI's weightless Upsample / ZeroPad2d
         if temporal:
             self.time_conv = nn.Conv3d(dim, 2 * dim, (3, 1, 1)) if up else nn.Conv3d(dim, dim, (3, 1, 1), (2, 1, 1))
@@ -214,7 +234,7 @@ class Encoder3d(nn.Module):
             c_in, c_out = widths[level], widths[level + 1]
             layers += [ResidualBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks)]
             if level != len(p.dim_mult) - 1:
-                layers.append(Resample(c_out, up=False, temporal=p.temporal_down[level]))
+                layers.append(Resample(c_out, c_out, up=False, temporal=p.temporal_down[level]))
         self.downsamples = nn.Sequential(*layers)
         self.middle = mid_block(widths[-1])
         self.head = head(widths[-1], 2 * p.z_channels)
@@ -229,19 +249,19 @@ class Encoder3d(nn.Module):
 class Decoder3d(nn.Module):
     def __init__(self, p: WanParams):
         super().__init__()
-        top = p.dim * p.dim_mult[-1]
+        top = p.decoder_dim * p.dim_mult[-1]
         self.conv1 = conv3d(p.z_channels, top)
         self.middle = mid_block(top)
         layers, c_in = [], top
         temporal_up = p.temporal_down[::-1]
         for level, mult in enumerate(reversed(p.dim_mult)):
-            c_out = p.dim * mult
+            c_out = p.decoder_dim * mult
             layers += [ResidualBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks + 1)]
             if level != len(p.dim_mult) - 1:
-                layers.append(Resample(c_out, up=True, temporal=temporal_up[level]))
+                layers.append(Resample(c_out, c_out // 2, up=True, temporal=temporal_up[level]))
             c_in = c_out // 2  # the upsample's conv halves the channels
         self.upsamples = nn.Sequential(*layers)
-        self.head = head(p.dim, 3)
+        self.head = head(p.decoder_dim, 3)
 
     def forward(self, x: Tensor, cache: Cache) -> Tensor:
         x = causal_conv(self.conv1, x, cache)
@@ -251,16 +271,20 @@ class Decoder3d(nn.Module):
 
 
 class WanVAE(nn.Module):
+    """The Wan 2.1 VAE; with other encoder/decoder classes and a patch size, Wan 2.2's (wan22.py)."""
+
+    encoder_class, decoder_class = Encoder3d, Decoder3d
+
     def __init__(self, params: WanParams):
         super().__init__()
         self.params = params
         z = params.z_channels
         if params.has_encoder:
-            self.encoder = Encoder3d(params)
+            self.encoder = self.encoder_class(params)
             self.conv1 = nn.Conv3d(2 * z, 2 * z, 1)
         if params.has_decoder:
             self.conv2 = nn.Conv3d(z, z, 1)
-            self.decoder = Decoder3d(params)
+            self.decoder = self.decoder_class(params)
 
     def mean(self, moments: Tensor) -> Tensor:
         """The posterior mean: conv1's first z output channels (the log-variance half is never needed)."""
@@ -268,16 +292,17 @@ class WanVAE(nn.Module):
         return F.conv3d(moments, self.conv1.weight[:z], self.conv1.bias[:z])
 
     def encode(self, x: Tensor) -> Tensor:
-        """Video [B, 3, T, H, W] in [-1, 1] -> posterior mean [B, z, 1 + (T-1)//4, H/8, W/8]."""
-        cache: Cache = {}
+        """Video [B, 3, T, H, W] in [-1, 1] -> posterior mean [B, z, 1 + (T-1)//4, H/s, W/s] (s = downscale)."""
+        x, cache = patchify(x, self.params.patch), {}
         chunks = [self.encoder(x[:, :, a:b], cache) for a, b in time_chunks(x.shape[2], self.params.time_scale)]
         return self.mean(torch.cat(chunks, dim=2))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latent [B, z, T, h, w] in raw VAE space -> video [B, 3, 1 + 4(T-1), 8h, 8w], nominally in [-1, 1]."""
+        """Latent [B, z, T, h, w] in raw VAE space -> video [B, 3, 1 + 4(T-1), s*h, s*w], nominally in [-1, 1]."""
         x = causal_conv(self.conv2, z, {})
         cache: Cache = {}
-        return torch.cat([self.decoder(x[:, :, t : t + 1], cache) for t in range(x.shape[2])], dim=2)
+        out = torch.cat([self.decoder(x[:, :, t : t + 1], cache) for t in range(x.shape[2])], dim=2)
+        return unpatchify(out, self.params.patch)
 
 
 def levels(sd: dict[str, Tensor], prefix: str) -> list[tuple[list[int], bool | None]]:
@@ -321,12 +346,15 @@ def detect_params(sd: dict[str, Tensor]) -> WanParams:
         dim = int(sd["decoder.head.2.weight"].shape[1])
         z = int(sd["decoder.conv1.weight"].shape[1])
         res_blocks, temporal = len(found[0][0]) - 1, tuple(t for _, t in found[1:])
+    decoder_dim = int(sd["decoder.head.2.weight"].shape[1]) if has_decoder else dim
     return WanParams(
         dim=dim,
+        decoder_dim=decoder_dim,
         z_channels=z,
         dim_mult=tuple(blocks[-1] // dim for blocks, _ in found),
         num_res_blocks=res_blocks,
         temporal_down=temporal,
+        patch=1,
         has_encoder=has_encoder,
         has_decoder=has_decoder,
     )
@@ -334,16 +362,20 @@ def detect_params(sd: dict[str, Tensor]) -> WanParams:
 
 # Named sizes for random-weight models: Wan 2.1's own (as comfy/sd.py builds it) and the tests' tiny one.
 CONFIGS = {
-    "wan2.1": WanParams(96, 16, (1, 2, 4, 4), 2, (False, True, True), True, True),
-    "tiny": WanParams(8, 4, (1, 2, 2, 2), 1, (False, True, True), True, True),
+    "wan2.1": WanParams(96, 96, 16, (1, 2, 4, 4), 2, (False, True, True), 1, True, True),
+    "tiny": WanParams(8, 8, 4, (1, 2, 2, 2), 1, (False, True, True), 1, True, True),
 }
 
 
 def random_wan(name: str = "wan2.1", seed: int = 0) -> WanVAE:
-    """A seeded random-weight Wan VAE of a named size: RMS gains near 1, biases near 0, convs scaled by fan-in so
-    that the signal neither dies nor explodes through the blocks."""
+    """A seeded random-weight Wan 2.1 VAE of a named size."""
+    return randomized(WanVAE(CONFIGS[name]), seed)
+
+
+def randomized(model: nn.Module, seed: int) -> nn.Module:
+    """The model with seeded random weights: RMS gains near 1, biases near 0, convs scaled by fan-in so that the
+    signal neither dies nor explodes through the blocks."""
     generator = torch.Generator().manual_seed(seed)
-    model = WanVAE(CONFIGS[name])
     with torch.no_grad():
         for key, p in model.named_parameters():
             if key.endswith("gamma"):

@@ -1,4 +1,4 @@
-"""Band-parallel forward of the Wan 2.1 VAE: each rank runs the same modules on its own rows of every frame.
+"""Band-parallel forward of the Wan 2.1 and 2.2 VAEs: each rank runs the same modules on its own rows of every frame.
 
 Mirrors the walk of `wan.py`, chunk by chunk in time as there, replacing what looks beyond a row band. The 3x3x3
 convs take one halo row from each neighbour (zero rows only at the true image edge), all frames of the chunk in one
@@ -6,7 +6,8 @@ exchange, and their causal cache keeps the band with those halo rows, so a cache
 spatial resamples run `sharded.py`'s halo convs on each frame (the upsample as folded 2x2 phase convs, the
 downsample redoing its last row). Mid-block attention keeps this band's queries and gathers every rank's keys and
 values, frame by frame. RMS norm, the 1x1x1 shortcuts and the time convs (1x1 in space) need nothing from other
-ranks: no statistics cross rows. With one rank this is the plain forward.
+ranks: no statistics cross rows; nor do Wan 2.2's 2x2 fold and unfold or its level shortcuts, whose 2-row groups
+never straddle a band edge (bands are multiples of 16 pixels). With one rank this is the plain forward.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from .wan import (
     causal_conv,
     downsample_time,
     frames,
+    patchify,
     unframes,
+    unpatchify,
     upsample_time,
 )
+from .wan22 import DownBlock, UpBlock
 
 
 def band_conv(conv, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
@@ -65,7 +69,23 @@ def resample(res: Resample, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
     return x
 
 
-LAYERS = {ResidualBlock: resblock, AttentionBlock: attention, Resample: resample}
+def down_block(block: DownBlock, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
+    """Wan 2.2: the level's layers plus its averaging shortcut (2x2 groups: band edges are even here)."""
+    return run_layers(block.downsamples, x, cache, shard) + block.shortcut(x, cache)
+
+
+def up_block(block: UpBlock, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
+    h = run_layers(block.upsamples, x, cache, shard)
+    return h + block.shortcut(x, cache) if block.up else h
+
+
+LAYERS = {
+    ResidualBlock: resblock,
+    AttentionBlock: attention,
+    Resample: resample,
+    DownBlock: down_block,
+    UpBlock: up_block,
+}
 
 
 def run_layers(layers, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
@@ -75,17 +95,17 @@ def run_layers(layers, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
 
 
 def decode_chunk(vae: WanVAE, z: Tensor, cache: Cache, shard: Shard) -> Tensor:
-    """One latent frame of this rank's rows, [B, z, 1, rows, w] raw -> [B, 3, 1 (first) or 4, 8*rows, 8*w]."""
+    """One latent frame of this rank's rows, [B, z, 1, rows, w] raw -> [B, 3, 1 (first) or 4, s*rows, s*w]."""
     dec = vae.decoder
     x = band_conv(dec.conv1, causal_conv(vae.conv2, z, cache), cache, shard)
     x = run_layers((*dec.middle, *dec.upsamples), x, cache, shard)
-    return band_conv(dec.head[2], F.silu(dec.head[0](x)), cache, shard)
+    return unpatchify(band_conv(dec.head[2], F.silu(dec.head[0](x)), cache, shard), vae.params.patch)
 
 
 def encode_chunk(vae: WanVAE, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
     """One encode chunk of this rank's rows (frame 0, then 4 frames), [B, 3, n, rows, W] in [-1, 1] -> the
-    posterior mean's frames [B, z, 1, rows/8, W/8]."""
+    posterior mean's frames [B, z, 1, rows/s, W/s] (rows: a multiple of s)."""
     enc = vae.encoder
-    x = band_conv(enc.conv1, x, cache, shard)
+    x = band_conv(enc.conv1, patchify(x, vae.params.patch), cache, shard)
     x = run_layers((*enc.downsamples, *enc.middle), x, cache, shard)
     return vae.mean(band_conv(enc.head[2], F.silu(enc.head[0](x)), cache, shard))

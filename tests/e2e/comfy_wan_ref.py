@@ -2,8 +2,9 @@
 on the inputs in IN, outputs to OUT (both safetensors).
 
 IN holds `sd.<key>` (the state dict), `z` (a latent) and `x` (a video for the raw model, or IMAGE frames for the
-core path); MODE is "model" (comfy.ldm.wan.vae.WanVAE built with the JSON config, loaded strictly: raw
-decode/encode) or "core" (comfy.sd.VAE from the state dict, as the VAE Loader builds it: VAE.decode/encode).
+core path); MODE is "model" (WanVAE of comfy.ldm.wan.vae, or of vae2_2 for version "2.2", built with the JSON
+config and loaded strictly: raw decode/encode) or "core" (comfy.sd.VAE from the state dict, as the VAE Loader
+builds it: VAE.decode/encode).
 """
 
 import json
@@ -26,8 +27,11 @@ def main(mode: str, inp: str, out: str, config: str) -> None:
     with torch.inference_mode():
         if mode == "model":
             import comfy.ldm.wan.vae
+            import comfy.ldm.wan.vae2_2
 
-            model = comfy.ldm.wan.vae.WanVAE(**json.loads(config)).eval()
+            config = json.loads(config)
+            module = comfy.ldm.wan.vae2_2 if config.pop("version") == "2.2" else comfy.ldm.wan.vae
+            model = module.WanVAE(**config).eval()
             model.load_state_dict(sd, strict=True)
             decoded, encoded = model.decode(tensors["z"]), model.encode(tensors["x"])
         else:
