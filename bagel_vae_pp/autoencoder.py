@@ -292,9 +292,14 @@ def autoencoder_from_state_dict(
         dtype: weight dtype; None keeps the checkpoint's.
     """
     sd = strip_prefixes(sd)
-    params = detect_params(sd)
+    return load_strict(AutoEncoder, detect_params(sd), sd, device, dtype)
+
+
+def load_strict(model_class, params, sd: dict[str, Tensor], device, dtype) -> nn.Module:
+    """model_class(params) built on meta and given `sd`'s tensors; any missing, unexpected or misshapen key
+    raises with the counts and the first few keys."""
     with torch.device("meta"):
-        model = AutoEncoder(params)
+        model = model_class(params)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:

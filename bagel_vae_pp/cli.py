@@ -1,9 +1,9 @@
 """`python -m bagel_vae_pp bench`: time the single-process VAE against the worker pool, and check exactness;
 `python -m bagel_vae_pp bagel ...`: BAGEL without ComfyUI (bagel/cli.py).
 
-With no `--vae` the model is a seeded random-weight FLUX-architecture autoencoder (full size), so the
-bench runs anywhere. Errors are max |x - ref| (abs) and that divided by max |ref| (rel), against the
-single-process fp32 full-image result on the same input.
+With no `--vae` the model is a seeded random-weight autoencoder of the full `--vae-arch` architecture (FLUX, or
+a Wan 2.1 / 2.2 video VAE on a `--frames` video), so the bench runs anywhere. Errors are max |x - ref| (abs) and that
+divided by max |ref| (rel), against the single-process fp32 full-image result on the same input.
 """
 
 from __future__ import annotations
@@ -17,26 +17,40 @@ import time
 
 import torch
 
-from .autoencoder import autoencoder_from_state_dict, random_autoencoder
+from .autoencoder import random_autoencoder
 from .bagel.cli import add_bagel_parser, run_bagel
 from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
+from .vae_kinds import is_video, vae_from_state_dict
+from .wan import random_wan
+from .wan22 import random_wan22
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RANDOM_VAES = {
+    "flux": lambda: random_autoencoder("flux"),
+    "wan2.1": lambda: random_wan("wan2.1"),
+    "wan2.2": lambda: random_wan22("wan2.2"),
+}
 
 
-def test_image(size: int, batch: int = 1) -> torch.Tensor:
+def test_image(size: int, batch: int = 1, phase: float = 0.0) -> torch.Tensor:
     """A smooth synthetic picture (gradients, a disc, stripes) as an IMAGE [B, H, W, 3] in [0, 1]."""
     y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).float()
-    stripes = 0.5 + 0.5 * torch.sin(40 * x + 10 * y)
+    stripes = 0.5 + 0.5 * torch.sin(40 * x + 10 * y + phase)
     img = torch.stack([0.8 * x + 0.2 * disc, 0.5 * y + 0.5 * disc * stripes, 1 - 0.7 * x * y], dim=-1)
     return img.clamp(0, 1)[None].repeat(batch, 1, 1, 1)
 
 
-def load_vae(path: str | None):
-    """The VAE in a .safetensors file; every refusal names the file. Pickle checkpoints are never opened."""
+def test_video(size: int, frames: int) -> torch.Tensor:
+    """test_image with its stripes moving from frame to frame: the frames of one video, an IMAGE [T, H, W, 3]."""
+    return torch.cat([test_image(size, 1, 0.3 * t) for t in range(frames)])
+
+
+def load_vae(path: str | None, arch: str = "flux"):
+    """The VAE in a .safetensors file (any kind the pool runs), or a random one of `arch`; every refusal names the
+    file. Pickle checkpoints are never opened."""
     if path is None:
-        return random_autoencoder("flux")
+        return RANDOM_VAES[arch]()
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -53,7 +67,7 @@ def load_vae(path: str | None):
             "or be another format under a .safetensors name."
         ) from e
     try:
-        return autoencoder_from_state_dict(sd)
+        return vae_from_state_dict(sd)
     except ValueError as e:
         raise ValueError(f"--vae: '{path}': {e}") from e
 
@@ -86,15 +100,20 @@ def single_process(ae, op, data, device, dtype, model=None):
     with torch.inference_mode():
         if op == "decode":
             x = model.decode(data.to(device, dtype))
+            if x.ndim == 5:  # [B, 3, T, H, W]: the frames one video after the other, as core VAE Decode gives them
+                x = x.transpose(1, 2).flatten(0, 1)
             return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
         x = data.to(device).permute(0, 3, 1, 2) * 2 - 1
+        if is_video(ae.params):  # the IMAGE batch is one video's frames: [1, 3, T, H, W]
+            x = x.transpose(0, 1)[None]
         return model.encode(x.to(dtype)).float().cpu()
 
 
 def bench_op(ae, op, data, args, device) -> list[dict]:
     """Single process (full image, in --dtype) and the pool, both against the single-process fp32 result."""
     ref = single_process(ae, op, data, device, torch.float32)
-    base = {"op": op, "size": args.size, "batch": args.batch, "dtype": args.dtype, "device": args.device}
+    base = {"op": op, "size": args.size, "batch": args.batch, "frames": args.frames, "dtype": args.dtype}
+    base["device"] = args.device
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the peak is what the allocator holds: start from nothing cached
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,8 +136,14 @@ def bench_op(ae, op, data, args, device) -> list[dict]:
 
 def bench(args) -> list[dict]:
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
-    ae = load_vae(args.vae).float()
-    pixels = test_image(args.size, args.batch)
+    ae = load_vae(args.vae, args.vae_arch).float()
+    if args.size % ae.params.downscale:
+        raise ValueError(f"--size {args.size}: this VAE needs a multiple of {ae.params.downscale} pixels.")
+    video = is_video(ae.params)
+    args.frames = args.frames if video else 1
+    if video and args.batch != 1:
+        raise ValueError(f"--batch {args.batch}: a video VAE bench runs one video; set its length with --frames.")
+    pixels = test_video(args.size, args.frames) if video else test_image(args.size, args.batch)
     latent = single_process(ae, "encode", pixels, device, torch.float32)
     return bench_op(ae, "decode", latent, args, device) + bench_op(ae, "encode", pixels, args, device)
 
@@ -130,13 +155,13 @@ def pool_devices(args) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| op | mode | workers | size | dtype | ms | peak GiB/worker | max abs err | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| op | mode | workers | size | frames | dtype | ms | peak GiB/worker | max abs err | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         print(
-            f"| {r['op']} | {r['mode']} | {r['workers']} | {r['size']} | {r['dtype']} | {r['ms']:.1f} | {peak} "
-            f"| {r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} |"
+            f"| {r['op']} | {r['mode']} | {r['workers']} | {r['size']} | {r['frames']} | {r['dtype']} | {r['ms']:.1f} "
+            f"| {peak} | {r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} |"
         )
 
 
@@ -155,7 +180,9 @@ def main(argv=None) -> int:
     b.add_argument("--overlap", type=int, default=64, help="tiled mode: overlap in pixels")
     b.add_argument("--repeat", type=int, default=3, help="timed runs per case (median reported)")
     b.add_argument("--timeout-s", type=float, default=120.0)
-    b.add_argument("--vae", default=None, help="a VAE .safetensors file (default: random FLUX-architecture VAE)")
+    b.add_argument("--vae", default=None, help="a VAE .safetensors file (default: a random VAE of --vae-arch)")
+    b.add_argument("--vae-arch", choices=list(RANDOM_VAES), default="flux", help="the random VAE's architecture")
+    b.add_argument("--frames", type=int, default=5, help="video VAEs: frames of the test video (1 + 4k are all used)")
     b.add_argument("--json", action="store_true", help="one JSON object per line per case")
     add_bagel_parser(sub)
     args = parser.parse_args(argv)
@@ -164,6 +191,8 @@ def main(argv=None) -> int:
     args.size = args.size or (1024 if args.device == "cuda" else 256)
     if args.size % 8:
         parser.error(f"--size must be a multiple of 8, got {args.size}")
+    if args.frames < 1:
+        parser.error(f"--frames must be at least 1, got {args.frames}")
     try:
         rows = bench(args)
     except (WorkerError, ValueError) as e:

@@ -116,6 +116,16 @@ def exchange_halo(x: Tensor, shard: Shard, async_op: bool = False):
     return rows if async_op else rows()
 
 
+def exchange_rows(x: Tensor, shard: Shard) -> tuple[Tensor | None, Tensor | None]:
+    """(row above this band, row below it) [..., 1, W] from the neighbouring ranks, None at the image edge, for a
+    band whose rows are its second-last dim ([B, C, T, rows, W] video bands: all frames travel in one gather)."""
+    edges = torch.stack([x[..., 0, :], x[..., -1, :]])  # [2, ..., W]
+    gathered, _ = all_gather_stacked(edges, shard)  # [world, 2, ..., W]
+    top = gathered[shard.rank - 1][1].unsqueeze(-2) if shard.rank > 0 else None
+    bottom = gathered[shard.rank + 1][0].unsqueeze(-2) if shard.rank < shard.world - 1 else None
+    return top, bottom
+
+
 def group_stats(x: Tensor, groups: int, shard: Shard, x_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and biased variance of x (+ x_bias [C]) over all ranks' rows, in fp32. [B, G] each.
 

@@ -71,9 +71,27 @@ def check_latent(latent: Tensor, params: AutoEncoderParams) -> Tensor:
         raise ValueError("vae: this VAE has no decoder weights; load a full VAE to decode.")
     if getattr(latent, "is_nested", False) or latent.ndim != 4:
         raise ValueError(
-            f"samples: expected an image latent [B, C, H, W], got shape {tuple(latent.shape)}; "
-            "video and nested latents are not supported."
+            f"samples: this image VAE decodes an image latent [B, C, H, W], got shape {tuple(latent.shape)}; "
+            "a video latent [B, C, T, H, W] (or a nested one) needs the video VAE of the model that made it."
         )
+    return checked_samples(latent, params)
+
+
+def check_video_latent(latent: Tensor, params) -> Tensor:
+    """A ComfyUI video LATENT 'samples' tensor for a video VAE (WanParams), as contiguous float32 [B, z, T, h, w]."""
+    if not params.has_decoder:
+        raise ValueError("vae: this VAE has no decoder weights; load a full VAE to decode.")
+    if getattr(latent, "is_nested", False) or latent.ndim != 5:
+        raise ValueError(
+            f"samples: this video VAE (Wan) decodes a video latent [B, C, T, H, W], got shape "
+            f"{tuple(latent.shape)}; an image latent needs the image VAE of the model that made it."
+        )
+    if latent.shape[2] == 0:
+        raise ValueError("samples: the video latent has 0 frames.")
+    return checked_samples(latent, params)
+
+
+def checked_samples(latent: Tensor, params) -> Tensor:
     B, C = latent.shape[:2]
     if B == 0:
         raise ValueError("samples: the batch is empty (0 latents).")
@@ -85,9 +103,10 @@ def check_latent(latent: Tensor, params: AutoEncoderParams) -> Tensor:
     return latent.detach().to("cpu", torch.float32).contiguous()
 
 
-def prepare_pixels(pixels: Tensor, params: AutoEncoderParams) -> Tensor:
+def prepare_pixels(pixels: Tensor, params) -> Tensor:
     """A ComfyUI IMAGE [B, H, W, C] -> contiguous float32 [B, H', W', 3], H', W' cropped to the VAE's
-    multiple around the centre (as core VAEEncode does); alpha is dropped."""
+    multiple around the centre (as core VAEEncode does); alpha is dropped. For a video VAE the B images are the
+    frames of one video (as core encodes an IMAGE batch)."""
     if not params.has_encoder:
         raise ValueError("vae: this VAE has no encoder weights; load a full VAE to encode.")
     if pixels.ndim != 4 or pixels.shape[-1] < 3:

@@ -11,8 +11,9 @@ import weakref
 from torch import nn
 
 from . import shm
-from .autoencoder import AutoEncoderParams, detect_params, strip_prefixes
-from .inputs import check_latent, check_tiles, non_finite_error, prepare_pixels
+from .autoencoder import strip_prefixes
+from .inputs import check_latent, check_tiles, check_video_latent, non_finite_error, prepare_pixels
+from .vae_kinds import detect_params, is_video
 
 LOAD_TIMEOUT_S = 180.0
 # Allowance per output megapixel per worker on top of timeout_s; CPU float32 is ~100x slower.
@@ -21,11 +22,14 @@ SECONDS_PER_MPX = {"cuda": 2.0, "cpu": 120.0}
 # BENCHMARKS.md: 8.73 GiB for a 4096² decode band, 6.28 GiB for an encode band), rounded up; plus a base
 # for weights, workspace and the CUDA context.
 PEAK_BYTES_PER_PX = {"decode": 2400, "encode": 1700}
+# The same per pixel of one frame for the Wan VAEs, whose chunks are up to 4 frames deep and whose causal caches
+# hold 2 frames per 3-D conv: an estimate, not yet measured (ComfyUI reserves 7000 x 2 B per frame pixel in bf16).
+VIDEO_PEAK_BYTES_PER_PX = {"decode": 8000, "encode": 6000}
 WORKER_BASE_BYTES = 1 << 30
 
 
-def ensure_vae(pool, vae: nn.Module, interrupt=None) -> AutoEncoderParams:
-    """Send `vae`'s weights to the workers unless they already hold this very module."""
+def ensure_vae(pool, vae: nn.Module, interrupt=None):
+    """Send `vae`'s weights to the workers unless they already hold this very module; its params (image or video)."""
     held = pool.holding.get("vae")
     if held is not None and held[0]() is vae:
         return held[1]
@@ -47,9 +51,10 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
     Args:
         pool: a WorkerPool.
         op: "decode" or "encode".
-        vae: a module holding LDM-layout weights (our AutoEncoder or ComfyUI's first_stage_model);
-            its weights are sent once and reused while the same module comes back.
-        data: decode: a LATENT [B, z, h, w] in raw VAE space; encode: an IMAGE [B, H, W, 3] in [0, 1].
+        vae: a module holding LDM-layout or Wan 2.1 / 2.2 weights (our AutoEncoder / WanVAE(22) or ComfyUI's
+            first_stage_model); its weights are sent once and reused while the same module comes back.
+        data: decode: a LATENT [B, z, h, w] (video VAE: [B, z, T, h, w]) in raw VAE space; encode: an IMAGE
+            [B, H, W, 3] in [0, 1] (video VAE: the frames of one video).
         mode: "exact" (equals the single-process decode) or "tiled" (approximate, bounded memory).
         tile_px, overlap_px: tile geometry for tiled mode, in image pixels.
         interrupt: called every few ms on this thread; whatever it raises cancels the job and propagates.
@@ -62,13 +67,15 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
         pool.ready(interrupt)
         params = ensure_vae(pool, vae, interrupt)
         check_tiles(mode, tile_px, overlap_px, params.downscale)
+        video = is_video(params)
+        if video and mode != "exact":
+            raise ValueError(f"mode: '{mode}' is not available for video VAEs yet; use exact.")
         name = "samples" if op == "decode" else "pixels"
-        data = check_latent(data, params) if op == "decode" else prepare_pixels(data, params)
-        B, s = data.shape[0], params.downscale
         if op == "decode":
-            out_shape = (B, data.shape[2] * s, data.shape[3] * s, params.out_ch)
+            data = (check_video_latent if video else check_latent)(data, params)
         else:
-            out_shape = (B, params.z_channels, data.shape[1] // s, data.shape[2] // s)
+            data = prepare_pixels(data, params)
+        out_shape = output_shape(op, tuple(data.shape), params)
         staging = pool.staging
         staging.check_room([tuple(data.shape), out_shape], name)
         checked = time.time()
@@ -77,7 +84,7 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
             raise non_finite_error(name, data)
         if make_room is not None:
             image_px = out_shape[1] * out_shape[2] if op == "decode" else data.shape[1] * data.shape[2]
-            make_room(pool.spec.devices, peak_bytes_per_worker(pool.spec, op, image_px, mode, tile_px))
+            make_room(pool.spec.devices, peak_bytes_per_worker(pool.spec, op, image_px, mode, tile_px, video))
         out_path, out = staging.outputs.acquire(out_shape)
         job = {
             "op": op,
@@ -96,18 +103,38 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
         return out
 
 
+def output_shape(op: str, shape: tuple[int, ...], params) -> tuple[int, ...]:
+    """decode: the IMAGE [B, H, W, C] (a video VAE: every video's frames one after the other, [B*frames, H, W, 3],
+    as core VAE Decode returns them); encode: the LATENT [B, z, h, w] (a video VAE: [1, z, T, h, w])."""
+    s = params.downscale
+    if op == "decode" and is_video(params):
+        B, _, T, h, w = shape
+        return (B * params.frames_out(T), h * s, w * s, 3)
+    if op == "decode":
+        B, _, h, w = shape
+        return (B, h * s, w * s, params.out_ch)
+    N, H, W, _ = shape
+    if is_video(params):
+        return (1, params.z_channels, params.latent_frames(N), H // s, W // s)
+    return (N, params.z_channels, H // s, W // s)
+
+
 def deadline_s(spec, out_shape, op) -> float:
-    pixels = math.prod(out_shape[:3]) if op == "decode" else math.prod(out_shape[:1] + out_shape[2:]) * 64
+    if op == "decode":
+        pixels = math.prod(out_shape[:3])
+    else:  # a video latent frame stands for up to 4 frames
+        pixels = math.prod(out_shape[:1] + out_shape[2:]) * 64 * (4 if len(out_shape) == 5 else 1)
     per_worker_mpx = pixels / 1e6 / len(spec.devices)
     kind = "cuda" if spec.devices[0].startswith("cuda") else "cpu"
     return spec.timeout_s + SECONDS_PER_MPX[kind] * per_worker_mpx
 
 
-def peak_bytes_per_worker(spec, op: str, image_px: int, mode: str, tile_px: int) -> int:
-    """A generous estimate of one worker's peak device memory for one batch item of `image_px` pixels."""
+def peak_bytes_per_worker(spec, op: str, image_px: int, mode: str, tile_px: int, video: bool = False) -> int:
+    """A generous estimate of one worker's peak device memory for one batch item (or one frame) of `image_px`."""
     share = image_px / len(spec.devices) if mode == "exact" else tile_px * tile_px
     dtype_bytes = 4 if spec.dtype == "fp32" else 2
-    return int(PEAK_BYTES_PER_PX[op] * share * dtype_bytes / 2 + WORKER_BASE_BYTES)
+    per_px = (VIDEO_PEAK_BYTES_PER_PX if video else PEAK_BYTES_PER_PX)[op]
+    return int(per_px * share * dtype_bytes / 2 + WORKER_BASE_BYTES)
 
 
 def timing(entered: float, checked: float, staged: float, replies: list[dict]) -> dict:

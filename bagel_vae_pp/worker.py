@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from . import loopback, shm
-from .autoencoder import autoencoder_from_state_dict
 from .collectives import JobCancelled
 from .graphs import GraphCache
 from .jobs import Rank, run_job
+from .vae_kinds import in_memory_format, vae_from_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # GPU workers hold the model and the bands channels_last: cuDNN's 3x3 convs ran 1.3-1.6x faster in NHWC on an
@@ -147,8 +147,8 @@ class Worker:
         self.model = None
         if self.graphs is not None:
             self.graphs.clear()
-        model = autoencoder_from_state_dict(load_file(msg["weights"]), self.device, self.dtype)
-        self.model = model.to(memory_format=self.memory_format)
+        model = vae_from_state_dict(load_file(msg["weights"]), self.device, self.dtype)
+        self.model = in_memory_format(model, self.memory_format)
         return {}
 
     def bagel_rank(self):

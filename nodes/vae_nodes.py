@@ -24,7 +24,7 @@ MODE_INPUT = (
         "tooltip": "exact: split by rows with halo exchange, synchronised "
         "GroupNorm and global attention; equals a single-GPU run. tiled: independent "
         "overlapping tiles blended with a feather; approximate, for images too large even "
-        "for exact mode.",
+        "for exact mode (image VAEs only).",
     },
 )
 TILE_INPUT = (
@@ -117,9 +117,9 @@ class DistributedVAEDecode:
     TITLE = "Distributed VAE Decode"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Decodes latents to images with the VAE split across several GPUs (or CPU workers). "
-        "Exact mode gives the same image as VAE Decode on one device, with a fraction of the memory "
-        "on each."
+        "Decodes latents to images with the VAE split across several GPUs (or CPU workers); a video latent "
+        "(Wan 2.1 / 2.2 VAE) to its frames, one video after the other, as VAE Decode returns them. Exact mode gives "
+        "the same image as VAE Decode on one device, with a fraction of the memory on each."
     )
     FUNCTION = "execute"
     RETURN_TYPES = ("IMAGE",)
@@ -149,7 +149,9 @@ class DistributedVAEEncode:
     DESCRIPTION = (
         "Encodes images to latents with the VAE split across several GPUs (or CPU workers). Sizes "
         "that are not multiples of 8 are centre-cropped like VAE Encode; the result is the "
-        "deterministic posterior mean, the same as VAE Encode gives."
+        "deterministic posterior mean, the same as VAE Encode gives. With a video VAE (Wan 2.1 / 2.2) the images "
+        "are the frames of one video: frame 1, then whole groups of 4 (a last partial group is left out, "
+        "as VAE Encode leaves it)."
     )
     FUNCTION = "execute"
     RETURN_TYPES = ("LATENT",)

@@ -229,7 +229,7 @@ class TestBadInput:
         [
             ((1, 4, 8, 8), "the latent has 4 channels but this VAE takes 16"),
             ((0, 16, 8, 8), "the batch is empty"),
-            ((1, 16, 2, 8, 8), r"expected an image latent \[B, C, H, W\]"),
+            ((1, 16, 2, 8, 8), r"this image VAE decodes an image latent \[B, C, H, W\]"),
         ],
     )
     def test_latent_errors_name_the_input(self, cpu_pool, tiny_vae, shape, match):

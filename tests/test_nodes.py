@@ -9,6 +9,8 @@ import torch
 from host_stub import InterruptProcessingException, progress_bar_class
 from pack_import import imported_as_comfyui, path_name
 
+from bagel_vae_pp.wan import random_wan
+
 PACK_NAME = path_name("bagel-vae-pp")
 
 
@@ -116,6 +118,24 @@ class TestVAENodes:
         assert set(out) == {"samples"}
         torch.testing.assert_close(out["samples"], ref_latent, rtol=0, atol=1e-4 * ref_latent.abs().max().item())
         assert pack.host.progress and pack.host.progress[-1][0] == pack.host.progress[-1][1]
+
+    def test_a_video_latent_decodes_to_frames_as_core_does_and_encodes_back_to_a_video_latent(self, pack, cpu2):
+        """Wan 2.1: [B, z, T, h, w] -> [B*(1 + 4(T-1)), H, W, 3]; the frames encode to [1, z, T, h, w]."""
+        wan = random_wan("tiny", seed=6)
+        latent = torch.randn(2, 4, 2, 3, 2)
+        (frames,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]().execute(
+            {"samples": latent}, FakeVAE(wan), "exact", 1024, 128, cpu2
+        )
+        with torch.inference_mode():
+            ref = ((wan.decode(latent) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(10, 24, 16, 3)
+        torch.testing.assert_close(frames, ref, rtol=0, atol=1e-4)
+        (out,) = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedEncode"]().execute(
+            frames[:5], FakeVAE(wan), "exact", 1024, 128, cpu2
+        )
+        with torch.inference_mode():
+            ref_latent = wan.encode(frames[:5].permute(3, 0, 1, 2)[None] * 2 - 1)
+        assert out["samples"].shape == (1, 4, 2, 3, 2)
+        torch.testing.assert_close(out["samples"], ref_latent, rtol=0, atol=1e-4 * ref_latent.abs().max().item())
 
     def test_make_room_asks_comfyui_to_free_each_pool_gpu(self, pack):
         pack.host.freed.clear()

@@ -1,0 +1,75 @@
+"""Which VAE a state dict holds, and the engine's model for it.
+
+The keys that tell the kinds apart are the ones `comfy.sd.VAE` selects its model by, so the pool accepts what core
+VAE Decode accepts. Kinds ComfyUI loads that the engine does not run yet get an error naming what was found.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import autoencoder, wan, wan22
+
+# kind -> (config read off the weights, model class)
+KINDS = {
+    "ldm": (autoencoder.detect_params, autoencoder.AutoEncoder),
+    "wan2.1": (wan.detect_params, wan.WanVAE),
+    "wan2.2": (wan22.detect_params, wan22.WanVAE22),
+}
+# Video VAEs ComfyUI loads, by a key only they carry.
+NOT_YET = {
+    "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": "an LTX-Video VAE",
+    "decoder.conv_in.conv.weight": "a HunyuanVideo VAE",
+    "encoder.conv_in.conv.weight": "a HunyuanVideo VAE",
+}
+WAN_KEYS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
+# Among Wan VAEs, what only Wan 2.2's nested level blocks have (the first is comfy/sd.py's own test).
+WAN22_KEYS = (
+    "decoder.upsamples.0.upsamples.0.residual.2.weight",
+    "encoder.downsamples.0.downsamples.0.residual.2.weight",
+)
+
+
+def detect_kind(sd: dict[str, Tensor]) -> str:
+    """'ldm', 'wan2.1' or 'wan2.2' for a state dict with prefixes stripped; a ValueError for the video VAEs not
+    run yet."""
+    for key, what in NOT_YET.items():
+        if key in sd:
+            raise ValueError(
+                f"vae: this is {what} (it has '{key}'); Distributed VAE Decode/Encode runs LDM/FLUX image VAEs and "
+                "the Wan 2.1 and 2.2 VAEs so far. Use core VAE Decode / VAE Encode for it."
+            )
+    if not any(k in sd for k in WAN_KEYS):
+        return "ldm"
+    return "wan2.2" if any(k in sd for k in WAN22_KEYS) else "wan2.1"
+
+
+def detect_params(sd: dict[str, Tensor]):
+    """The configuration of whichever supported VAE `sd` holds (AutoEncoderParams or WanParams)."""
+    return KINDS[detect_kind(sd)][0](sd)
+
+
+def vae_from_state_dict(
+    sd: dict[str, Tensor], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Build the model the weights describe (AutoEncoder or WanVAE) and load them strictly.
+
+    Args:
+        sd: a state dict as ComfyUI's VAE Loader holds it, optionally under `first_stage_model.` / `vae.`.
+        device: where the weights go.
+        dtype: weight dtype; None keeps the checkpoint's.
+    """
+    sd = autoencoder.strip_prefixes(sd)
+    detect, model_class = KINDS[detect_kind(sd)]
+    return autoencoder.load_strict(model_class, detect(sd), sd, device, dtype)
+
+
+def is_video(params) -> bool:
+    return isinstance(params, wan.WanParams)
+
+
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """The image autoencoder in the worker's layout (channels_last on GPUs); video models stay contiguous (their
+    3-D conv weights have no channels_last)."""
+    return model if is_video(model.params) else model.to(memory_format=memory_format)

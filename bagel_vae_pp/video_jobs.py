@@ -1,0 +1,66 @@
+"""One rank's share of a video VAE job (Wan 2.1 / 2.2): its rows of every frame, chunk by chunk, written straight into
+the host's output as each chunk finishes.
+
+Layouts are ComfyUI's: a video LATENT is [B, z, T, h, w] float32 in raw VAE space; frames are an IMAGE
+[frames, H, W, 3] in [0, 1] (decode gives B videos' frames one after the other, as core VAE Decode does; encode
+takes one video). Exact mode only: `sharded`-style bands through `wan_sharded`. Ranks agree on the cancel flag
+before each chunk (there is no GroupNorm to carry it).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .bands import plan_bands
+from .collectives import agree_cancel
+from .jobs import Rank, band_shard, progress_counter
+from .wan import WanVAE, time_chunks
+from .wan_sharded import decode_chunk, encode_chunk
+
+
+def to_frames(y: Tensor) -> Tensor:
+    """Decoder output [3, n, rows, W] in [-1, 1] -> IMAGE rows of n frames [n, rows, W, 3] in [0, 1]."""
+    return ((y.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(1, 2, 3, 0)
+
+
+def exact_decode(vae: WanVAE, latent: Tensor, out: Tensor, r: Rank) -> None:
+    B, _, T, h, _ = latent.shape
+    s = vae.params.downscale
+    bands = plan_bands(h, r.world)
+    shard = band_shard(r, bands, 1, progress_counter(r, B * T))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    video = out.view(B, -1, *out.shape[1:])  # [B, frames, H, W, 3]
+    for i in range(B):
+        cache, done = {}, 0
+        for t in range(T):
+            agree_cancel(shard, r.device)
+            z = latent[i : i + 1, :, t : t + 1, a:b].to(r.device, r.dtype)  # [1, z, 1, rows, w]
+            y = to_frames(decode_chunk(vae, z, cache, shard)[0])  # [n, 8*rows, 8*w, 3]
+            video[i, done : done + y.shape[0], a * s : b * s].copy_(y)
+            done += y.shape[0]
+            shard.on_layer()
+
+
+def exact_encode(vae: WanVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
+    H = pixels.shape[1]
+    s = vae.params.downscale
+    bands = plan_bands(H, r.world, unit=s)
+    chunks = time_chunks(pixels.shape[0], vae.params.time_scale)
+    shard = band_shard(r, bands, s, progress_counter(r, len(chunks)))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    cache = {}
+    for t, (f0, f1) in enumerate(chunks):
+        agree_cancel(shard, r.device)
+        x = pixels[f0:f1, a:b].to(r.device).permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # [1, 3, n, rows, W]
+        out[0, :, t : t + 1, a // s : b // s].copy_(encode_chunk(vae, x.to(r.dtype), cache, shard)[0])
+        shard.on_layer()
+
+
+def run_job(vae: WanVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
+    if job["mode"] != "exact":  # the host refuses it first; a worker never guesses
+        raise ValueError(f"mode '{job['mode']}' is not available for video VAEs; use exact.")
+    (exact_decode if job["op"] == "decode" else exact_encode)(vae, inp, out, r)
