@@ -70,7 +70,7 @@ class TestTextToImage:
         ctxs = build_contexts(model, tok, ["the cat"], None)
         assert ctxs.cfg_img is ctxs.gen
         copied = dataclasses.replace(ctxs, cfg_img=dataclasses.replace(ctxs.gen))  # equal, not identical
-        # one pass at a time: batched fp32 passes round differently with their number (CPU sgemm on 2 vs 3 rows)
+        # one pass at a time: batched fp32 passes round with their number (CPU sgemm of the markers' 4 vs 6 rows)
         ops = InProcess(model, tok.special, sequential_passes(model))
         x_t = torch.randn(4, 64)
         shared = guided_velocity(ops, ctxs, x_t, 0.9, torch.arange(4), 4.0, 1.5, T2I)
