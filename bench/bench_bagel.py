@@ -6,11 +6,14 @@
     python bench/bench_bagel.py --weight-dtype fp8_e4m3fn   # decoder-layer Linears in FP8 (bagel/quantize.py)
     python bench/bench_bagel.py --memory-cap 24             # a 24 GiB card: layers that don't fit are streamed
     python bench/bench_bagel.py --config tiny --devices cpu --size 64 --steps 4 --dtype fp32 --resident-layers 0
+    python bench/bench_bagel.py --passes sequential         # a step's guidance passes one after the other
 
 Reports wall time of one generation (after a short warm-up run), model passes, and peak memory per GPU
-(allocated and reserved). With --memory-cap the model is built whole on the device, then its decoder layers that
-do not fit the cap are moved to pinned CPU memory (bagel/stream.py), and the caching allocator is limited to the
-cap (torch.cuda.set_per_process_memory_fraction) before the warm-up.
+(allocated and reserved). `--passes batched` (the default, as in-process) runs the guidance passes of a step
+through each layer together (Bagel.velocities); `sequential` runs them one after the other. With --memory-cap the
+model is built whole on the device, then its decoder layers that do not fit the cap are moved to pinned CPU memory
+(bagel/stream.py), and the caching allocator is limited to the cap (torch.cuda.set_per_process_memory_fraction)
+before the warm-up.
 The prompt is a fixed block of `--prompt-tokens` token ids (content does not change the cost).
 """
 
@@ -32,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bagel_vae_pp.bagel.config import CONFIGS  # noqa: E402
 from bagel_vae_pp.bagel.loader import DTYPES  # noqa: E402
 from bagel_vae_pp.bagel.model import Bagel, Context  # noqa: E402
-from bagel_vae_pp.bagel.pipeline import sequential_passes, text_to_image  # noqa: E402
+from bagel_vae_pp.bagel.pipeline import batched_passes, sequential_passes, text_to_image  # noqa: E402
 from bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES, check_weight_dtype, quantize_llm_  # noqa: E402
 from bagel_vae_pp.bagel.sampler import GuidanceOptions  # noqa: E402
 from bagel_vae_pp.bagel.stream import fit_, stream_layers_  # noqa: E402
@@ -50,13 +53,17 @@ class SyntheticTokenizer:
         return [self.special.bos, *self.ids, self.special.eos]
 
 
-class ParallelPasses:
-    """CFG-parallel velocity passes: pass k runs on replica k mod n, in its own thread, concurrently."""
+PASSES = {"batched": batched_passes, "sequential": sequential_passes}
 
-    def __init__(self, models: list[Bagel]):
-        self.models = models
+
+class Passes:
+    """A step's velocity passes, `batched` or `sequential` (pipeline.py) on each replica; with n replicas
+    (CFG-parallel) pass k runs on replica k mod n, each replica's passes in its own thread, concurrently."""
+
+    def __init__(self, models: list[Bagel], mode: str):
+        self.models, self.mode = models, mode
         self.moved: dict[tuple[int, int], Context] = {}  # (id(ctx), replica) -> the context on that device
-        self.executor = ThreadPoolExecutor(len(models))
+        self.executor = ThreadPoolExecutor(len(models)) if len(models) > 1 else None
         self.count = 0
 
     def context_on(self, ctx: Context, i: int) -> Context:
@@ -68,16 +75,21 @@ class ParallelPasses:
             self.moved[key] = Context(tuple((k.to(dev), v.to(dev)) for k, v in ctx.kv), ctx.length, ctx.rope)
         return self.moved[key]
 
-    def run(self, i: int, ctx: Context, block: torch.Tensor) -> torch.Tensor:
+    def run(self, i: int, contexts: list[Context], block: torch.Tensor) -> list[torch.Tensor]:
         with torch.inference_mode():
             model = self.models[i]
-            return model.velocity(self.context_on(ctx, i), block.to(model.device))
+            return PASSES[self.mode](model)([self.context_on(c, i) for c in contexts], block.to(model.device))
 
     def __call__(self, contexts: list[Context], block: torch.Tensor) -> list[torch.Tensor]:
         self.count += len(contexts)
         n = len(self.models)
-        futures = [self.executor.submit(self.run, k % n, ctx, block) for k, ctx in enumerate(contexts)]
-        return [f.result().to(self.models[0].device) for f in futures]
+        if n == 1:
+            return self.run(0, contexts, block)
+        futures = [self.executor.submit(self.run, i, contexts[i::n], block) for i in range(min(n, len(contexts)))]
+        out: list[torch.Tensor] = [None] * len(contexts)
+        for i, f in enumerate(futures):
+            out[i::n] = [v.to(self.models[0].device) for v in f.result()]
+        return out
 
 
 def build_models(config: str, devices: list[str], dtype: torch.dtype, weight_dtype: str, seed: int) -> list[Bagel]:
@@ -125,25 +137,14 @@ def synchronize(devices: list[str]) -> None:
 
 
 def generate(models, tokenizer, args, options, steps: int) -> tuple[float, int]:
-    passes = ParallelPasses(models)
+    passes = Passes(models, args.passes)
     run_options = dataclasses.replace(options, num_timesteps=steps)
     synchronize(args.devices)
     start = time.perf_counter()
-    latent, _ = text_to_image(models[0], tokenizer, "prompt", args.size, args.size, 0, run_options,
-                              passes=passes if len(models) > 1 else counting(models[0], passes))  # fmt: skip
+    latent, _ = text_to_image(models[0], tokenizer, "prompt", args.size, args.size, 0, run_options, passes=passes)
     synchronize(args.devices)
     assert latent.shape == (1, 16, args.size // 8, args.size // 8) and torch.isfinite(latent).all()
     return time.perf_counter() - start, passes.count
-
-
-def counting(model: Bagel, tally: ParallelPasses):
-    sequential = sequential_passes(model)
-
-    def run(contexts, block):
-        tally.count += len(contexts)
-        return sequential(contexts, block)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0))
     parser.add_argument("--renorm", default="global")
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--passes", choices=list(PASSES), default="batched",
+                        help="a step's guidance passes through each layer at once, or one after the other")  # fmt: skip
     parser.add_argument("--memory-cap", type=float, metavar="GIB",
                         help="one device only: at most GIB of it, decoder layers streamed as needed")  # fmt: skip
     parser.add_argument("--resident-layers", type=int, metavar="K",
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         "config": args.config, "devices": args.devices, "dtype": args.dtype, "weight_dtype": args.weight_dtype,
         "parameter_gib": round(parameter_gib(models[0]), 2), "size": args.size, "steps": args.steps,
         "cfg": [args.cfg_text_scale, args.cfg_img_scale, list(args.cfg_interval), args.renorm],
-        "seconds": round(seconds, 3), "passes": passes, "ms_per_pass": round(1000 * seconds / passes, 2),
+        "passes_mode": args.passes, "seconds": round(seconds, 3), "passes": passes,
+        "ms_per_pass": round(1000 * seconds / passes, 2),
         "peak_gib": {d: round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in args.devices
                      if d.startswith("cuda")},
         "peak_reserved_gib": {d: round(torch.cuda.max_memory_reserved(d) / 2**30, 2) for d in args.devices

@@ -12,6 +12,7 @@ from bagel_vae_pp.bagel.pipeline import (
     build_contexts,
     edit_image,
     guided_velocity,
+    sequential_passes,
     text_to_image,
     understand_image,
 )
@@ -69,7 +70,8 @@ class TestTextToImage:
         ctxs = build_contexts(model, tok, ["the cat"], None)
         assert ctxs.cfg_img is ctxs.gen
         copied = dataclasses.replace(ctxs, cfg_img=dataclasses.replace(ctxs.gen))  # equal, not identical
-        ops = InProcess(model, tok.special)
+        # one pass at a time: batched fp32 passes round with their number (CPU sgemm of the markers' 4 vs 6 rows)
+        ops = InProcess(model, tok.special, sequential_passes(model))
         x_t = torch.randn(4, 64)
         shared = guided_velocity(ops, ctxs, x_t, 0.9, torch.arange(4), 4.0, 1.5, T2I)
         separate = guided_velocity(ops, copied, x_t, 0.9, torch.arange(4), 4.0, 1.5, T2I)
@@ -101,6 +103,23 @@ class TestEdit:
         a, _ = edit_image(bagel.model, bagel.tokenizer, photo, "red", mean_only, 1, EDIT)
         b, _ = edit_image(bagel.model, bagel.tokenizer, photo, "red", zero_var, 1, EDIT)
         torch.testing.assert_close(a, b)
+
+
+class TestBatchedPasses:
+    """The default in-process passes (a step's passes through each layer together) against one pass at a time."""
+
+    def test_text_to_image_two_passes_a_step(self, bagel):
+        sequential = InProcess(bagel.model, bagel.tokenizer.special, sequential_passes(bagel.model))
+        want, _ = text_to_image(sequential, bagel.tokenizer, "the cat", 64, 48, 7, T2I)
+        got, _ = text_to_image(bagel.model, bagel.tokenizer, "the cat", 64, 48, 7, T2I)
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+    def test_edit_three_passes_a_step(self, bagel, photo):
+        encode = autoencoder_moments(bagel.vae)
+        sequential = InProcess(bagel.model, bagel.tokenizer.special, sequential_passes(bagel.model))
+        want, _ = edit_image(sequential, bagel.tokenizer, photo, "red", encode, 1, EDIT)
+        got, _ = edit_image(bagel.model, bagel.tokenizer, photo, "red", encode, 1, EDIT)
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 class TestUnderstanding:

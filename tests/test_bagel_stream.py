@@ -16,7 +16,10 @@ from bagel_vae_pp.autoencoder import random_autoencoder
 from bagel_vae_pp.bagel.config import CONFIGS
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.model import EMPTY_CONTEXT
+from bagel_vae_pp.bagel.pipeline import InProcess, sequential_passes, text_to_image
+from bagel_vae_pp.bagel.sampler import GuidanceOptions
 from bagel_vae_pp.bagel.stream import (
+    LayerStream,
     pass_work_bytes,
     plan_residency,
     stream_layers_,
@@ -132,6 +135,57 @@ class TestStreamedEqualsResident:
         assert lm.model.stream is None
         with pytest.raises(ValueError, match="too small for BAGEL"):
             load_bagel(five, "cpu", torch.float32, device_budget_bytes=fixed + 2 * layer + work - 1)
+
+
+def batched_step(model):
+    """The three velocity passes of an edit step at once (Bagel.velocities): contexts of different lengths."""
+    text = model.prefill_text(EMPTY_CONTEXT, [151644, 10, 11, 12, 13, 151645])
+    latent = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    clean = model.wrap_image(model.latent_tokens(latent[:6], 0.0, torch.arange(6)), SPECIAL)
+    image = model.prefill_text(model.prefill_image_block(text, clean, is_latent=True), [151644, 20, 151645])
+    block = model.wrap_image(model.latent_tokens(latent, 0.7, torch.arange(16)), SPECIAL)
+    return [image, EMPTY_CONTEXT, text], block
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """The indices of the streamed layers copied to the device, in order (LayerStream._start starts each copy)."""
+    started, start = [], LayerStream._start
+    monkeypatch.setattr(LayerStream, "_start", lambda stream, j: (started.append(stream.streamed[j]), start(stream, j)))
+    return started
+
+
+class TestBatchedPasses:
+    @pytest.mark.parametrize("storage", STORAGE)
+    def test_streamed_is_resident_and_copies_each_layer_once_for_all_passes(self, five, storage, copies):
+        dtype, weight_dtype = STORAGE[storage]
+        with torch.inference_mode():
+            contexts, block = batched_step(load_bagel(five, "cpu", dtype, weight_dtype=weight_dtype).model)
+            resident = load_bagel(five, "cpu", dtype, weight_dtype=weight_dtype).model
+            want = resident.velocities(contexts, block)
+            model = stream_layers_(load_bagel(five, "cpu", dtype, weight_dtype=weight_dtype).model, 2, "cpu")
+            for _ in range(2):  # the second round refills the slots
+                copies.clear()
+                got = model.velocities(contexts, block)
+                assert copies == [0, 2, 4] and all(torch.equal(g, w) for g, w in zip(got, want))
+            copies.clear()
+            sequential_passes(model)(contexts, block)
+        assert copies == [0, 2, 4] * 3  # one pass at a time: a copy per pass
+
+    def test_text_to_image_copies_each_streamed_layer_once_per_step(self, five, copies):
+        """4 steps at t = 1, 0.9, 0.75, 0.5: guided (2 passes) in the first three; the prompt's prefill first."""
+        loaded = load_bagel(five, "cpu", torch.float32)
+        model = stream_layers_(loaded.model, 2, "cpu")  # streams layers 0, 2, 4
+        options = GuidanceOptions(5, 3.0, 4.0, 1.5, (0.6, 1.0), "global", 0.0)
+        at_step = []
+        progress = lambda done, total: at_step.append(len(copies))
+        text_to_image(model, loaded.tokenizer, "the cat", 32, 32, 0, options, progress=progress)
+        assert at_step == [3 + 3, 9, 12, 15]  # in-process passes are batched by default
+        at_step.clear()
+        copies.clear()
+        ops = InProcess(model, loaded.tokenizer.special, sequential_passes(model))
+        text_to_image(ops, loaded.tokenizer, "the cat", 32, 32, 0, options, progress=progress)
+        assert at_step == [3 + 6, 15, 21, 24]
 
 
 class TestWhereTheWeightsLive:

@@ -2,10 +2,11 @@
 
 The ranks load their shards of a tiny checkpoint with 8 query heads on 2 KV heads (TINY_TP_PARAMS), so that
 2 ranks split the KV heads, 3 ranks get uneven heads (3, 3, 2) and rank 1 of 3 reads both KV heads, and 4 ranks
-replicate each KV head on two ranks. Each rank runs a causal text prefill, a generation-expert velocity pass, a
-clean latent block that updates the cache, and greedy decode steps; the reference is `load_bagel` in this
-process, which shares no sharding code. With FP8 weights every rank must hold exactly the slices of the FP8 model
-`load_bagel` builds, worked out by hand below (a column split keeps its whole rows' scales).
+replicate each KV head on two ranks. Each rank runs a causal text prefill, a generation-expert velocity pass (alone,
+and batched with a pass against the empty context), a clean latent block that updates the cache, and greedy decode
+steps; the reference is `load_bagel` in this process, which shares no sharding code. With FP8 weights every rank must
+hold exactly the slices of the FP8 model `load_bagel` builds, worked out by hand below (a column split keeps its
+whole rows' scales).
 """
 
 import importlib.util
@@ -22,12 +23,13 @@ from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.model import EMPTY_CONTEXT
 from bagel_vae_pp.bagel.quantize import FP8
 from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
-from bagel_vae_pp.bagel.tokenizer import BagelTokenizer
+from bagel_vae_pp.bagel.tokenizer import BagelTokenizer, SpecialTokens
 from bagel_vae_pp.bagel.tp import load_bagel_shard, shard_nbytes, shard_plan
 
 TIMEOUT_S = 120  # the whole run, spawn included (about 10 s with 4 ranks on 2 cores)
 DECODE_STEPS = 4
 LATENT_TOKENS = 12
+SPECIAL_IDS = SpecialTokens(151644, 151645, 151652, 151653)
 REL_TOL = 1e-5
 # The KV heads [start, stop) each rank must cache, by world, worked out by hand: query head h reads KV head h // 4.
 KV_HEADS = {
@@ -53,7 +55,11 @@ def run_passes(model, tokenizer) -> dict:
     latent = torch.randn(LATENT_TOKENS, 64, generator=torch.Generator().manual_seed(0))  # [N, 64]
     positions = torch.arange(LATENT_TOKENS)
     ctx = model.prefill_text(EMPTY_CONTEXT, tokenizer.text_block("the cat in the hat"))
-    velocity = model.velocity(ctx, model.wrap_image(model.latent_tokens(latent, 0.6, positions), special))
+    block = model.wrap_image(model.latent_tokens(latent, 0.6, positions), special)
+    velocity = model.velocity(ctx, block)
+    # batched passes: each all-reduce sums both passes' rows; one pass at a time is the reference's
+    velocities = model.velocities([ctx, EMPTY_CONTEXT], block)
+    alone = [velocity, model.velocity(EMPTY_CONTEXT, block)]
     clean = model.wrap_image(model.latent_tokens(latent, 0.0, positions), special)
     ctx = model.prefill_image_block(ctx, clean, is_latent=True)
     token, tokens, logits = special.bos, [], []
@@ -62,7 +68,8 @@ def run_passes(model, tokenizer) -> dict:
         token = int(torch.argmax(step_logits))
         tokens.append(token)
         logits.append(step_logits)
-    return {"kv": ctx.kv, "velocity": velocity, "logits": torch.stack(logits), "tokens": tokens}
+    return {"kv": ctx.kv, "velocity": velocity, "velocities": velocities, "alone": alone,
+            "logits": torch.stack(logits), "tokens": tokens}  # fmt: skip
 
 
 def rank_main(rank, world, folder, store_path, out_path):
@@ -237,6 +244,7 @@ class TestRanksMatchTheUnshardedModel:
     def check(self, got: dict, want: dict, rank: int, world: int):
         assert got["tokens"] == want["tokens"]
         assert rel_err(got["velocity"], want["velocity"]) < REL_TOL
+        assert all(rel_err(g, w) < REL_TOL for g, w in zip(got["velocities"], want["alone"], strict=True))
         assert rel_err(got["logits"], want["logits"]) < REL_TOL
         a, b = KV_HEADS[world][rank]
         for (k, v), (k_ref, v_ref) in zip(got["kv"], want["kv"]):
@@ -249,6 +257,22 @@ class TestRanksMatchTheUnshardedModel:
         assert all(layer.reduce is None for layer in model.language_model.model.layers)
         with torch.inference_mode():
             self.check(run_passes(model, BagelTokenizer.from_folder(checkpoint)), reference, 0, 1)
+
+    def test_batched_passes_all_reduce_all_their_rows_at_once(self, checkpoint):
+        """Two all-reduces a layer, each of both passes' rows [2·L, D], not one per pass (run with a counting
+        identity in place of tp.all_reduce_sum)."""
+        model = load_bagel(checkpoint, dtype=torch.float32).model
+        sizes = []
+        for layer in model.language_model.model.layers:
+            layer.reduce = lambda x: sizes.append(tuple(x.shape)) or x
+        latent = torch.randn(LATENT_TOKENS, 64, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            ctx = model.prefill_text(EMPTY_CONTEXT, [151644, 10, 151645])
+            sizes.clear()
+            block = model.wrap_image(model.latent_tokens(latent, 0.6, torch.arange(LATENT_TOKENS)), SPECIAL_IDS)
+            model.velocities([ctx, EMPTY_CONTEXT], block)
+        L, D, layers = LATENT_TOKENS + 2, TINY_TP_PARAMS.llm.hidden_size, TINY_TP_PARAMS.llm.num_hidden_layers
+        assert sizes == [(2 * L, D)] * (2 * layers)
 
     @pytest.mark.parametrize("world", [2, 3, 4])
     def test_gloo_ranks(self, tmp_path, checkpoint, reference, world):

@@ -70,33 +70,59 @@ class _Rows:
     (mm/addmm out=) and its norm weights scale them in place, with no per-op concatenation. Everything but
     attention works per token; attention takes the queries (and its mask rows) in this order and the keys in
     the original one, which is also the order of the returned KV cache.
+
+    Batched passes (`passes` P > 1, Qwen2MoTModel.passes): one block of n tokens against P caches is P·n rows,
+    still one slice per expert: every pass's understanding rows, pass after pass, then every pass's generation
+    rows. Token-wise work sees `parts` only; attention takes each pass's rows (`of_pass`: the rows one pass
+    alone would hold, in expert order) against its own cache and puts their outputs back (`join`).
     """
 
-    def __init__(self, n: int, gen: slice | None):
+    def __init__(self, n: int, gen: slice | None, passes: int = 1):
         s, e = (n, n) if gen is None else gen.indices(n)[:2]
         if gen is not None and gen.step not in (None, 1):
             raise ValueError(f"gen must be a contiguous slice, got {gen}")
         e = max(e, s)
-        self.n, self.s, self.e, self.m = n, s, e, n - (e - s)
+        self.n, self.s, self.e, self.m, self.passes = n, s, e, n - (e - s), passes
         self.identity = s == e or e == n  # the understanding tokens already precede the block
 
     def parts(self, und, gen) -> list[tuple[slice, object]]:
-        """(rows, expert's module) for each expert that has tokens."""
-        return [(r, mod) for r, mod in ((slice(0, self.m), und), (slice(self.m, self.n), gen)) if r.stop > r.start]
+        """(rows, expert's module) for each expert that has tokens, over all passes."""
+        M, N = self.passes * self.m, self.passes * self.n
+        return [(r, mod) for r, mod in ((slice(0, M), und), (slice(M, N), gen)) if r.stop > r.start]
 
     def pack(self, t: Tensor, copy: bool = False) -> Tensor:
-        """Original order -> expert order (dim 0); `copy` makes sure the result is a new tensor."""
+        """Original order -> expert order (dim 0); `copy` makes sure the result is a new tensor. With P passes t is
+        [n, ...], every pass's (the block), or [P·n, ...], pass after pass (their positions)."""
+        if self.passes == 1:
+            return self.pack_one(t, copy)
+        return self.join([self.pack_one(x) for x in (t.split(self.n) if t.shape[0] > self.n else [t] * self.passes)])
+
+    def pack_one(self, t: Tensor, copy: bool = False) -> Tensor:
+        """pack() of one pass's rows."""
         if self.identity:
             return t.clone() if copy else t
         return torch.cat([t[: self.s], t[self.e :], t[self.s : self.e]])
 
     def unpack(self, t: Tensor, before: Tensor | None = None) -> Tensor:
-        """Expert order -> original order (dim 0), after `before` if given (the cache)."""
+        """Expert order -> original order (dim 0) of one pass's rows, after `before` if given (the cache)."""
         s, m = self.s, self.m
         pieces = [t] if self.identity else [t[:s], t[m:], t[s:m]]
         if before is not None:
             pieces.insert(0, before)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def of_pass(self, t: Tensor, p: int) -> Tensor:
+        """Pass p's n rows (expert order) of all passes' rows t [P·n, ...]."""
+        if self.passes == 1:
+            return t
+        m, g, M = self.m, self.n - self.m, self.passes * self.m
+        return torch.cat([t[p * m : (p + 1) * m], t[M + p * g : M + (p + 1) * g]])
+
+    def join(self, ts: list[Tensor]) -> Tensor:
+        """Each pass's n rows (expert order) -> all passes' rows [P·n, ...]; the inverse of of_pass."""
+        if len(ts) == 1:
+            return ts[0]
+        return torch.cat([t[: self.m] for t in ts] + [t[self.m :] for t in ts])
 
 
 def _norm(x: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm) -> Tensor:
@@ -219,25 +245,35 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, gen: slice | None, causal: bool
     ) -> tuple[Tensor, LayerKV]:
         rows = _Rows(x.shape[0], gen)
-        out, kv = self.attend(rows.pack(x), _pack_rope(rows, cos), _pack_rope(rows, sin), past, rows, causal)
-        return rows.unpack(_project(out, rows, self.o_proj, self.o_proj_moe_gen)), kv
+        out, kvs = self.attend(rows.pack(x), _pack_rope(rows, cos), _pack_rope(rows, sin), [past], rows, causal)
+        return rows.unpack(_project(out, rows, self.o_proj, self.o_proj_moe_gen)), kvs[0]
 
     def attend(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, rows: _Rows, causal: bool
-    ) -> tuple[Tensor, LayerKV]:
-        """Attention of the normed tokens x [L, D] (expert order) before o_proj: [L, H*Dh] (expert order), and
-        the cache extended by the new keys/values (original order)."""
-        L, H, Hkv, Dh = x.shape[0], self.n_heads, self.n_kv, self.head_dim
-        q = _project(x, rows, self.q_proj, self.q_proj_moe_gen).view(L, H, Dh)
-        k = _project(x, rows, self.k_proj, self.k_proj_moe_gen).view(L, Hkv, Dh)
-        v = _project(x, rows, self.v_proj, self.v_proj_moe_gen).view(L, Hkv, Dh)
-        q = apply_rope(_norm(q, rows, self.q_norm, self.q_norm_moe_gen), cos, sin)  # [L, H, Dh]
-        k = apply_rope(_norm(k, rows, self.k_norm, self.k_norm_moe_gen), cos, sin)  # [L, Hkv, Dh]
-        # [Lk, Hkv, Dh]: cache, then the new tokens in their original order
-        k, v = (rows.unpack(k), rows.unpack(v)) if past is None else (rows.unpack(k, past[0]), rows.unpack(v, past[1]))
-        mask = attention_mask(L, k.shape[0], causal, x.device)
+        self, x: Tensor, cos: Tensor, sin: Tensor, pasts: list[LayerKV | None], rows: _Rows, causal: bool
+    ) -> tuple[Tensor, list[LayerKV]]:
+        """Attention of the normed tokens x [P·L, D] (expert order, P = rows.passes) before o_proj: [P·L, H*Dh]
+        (expert order), and each pass's cache pasts[p] extended by its new keys/values (original order)."""
+        N, H, Hkv, Dh = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        q = _project(x, rows, self.q_proj, self.q_proj_moe_gen).view(N, H, Dh)
+        k = _project(x, rows, self.k_proj, self.k_proj_moe_gen).view(N, Hkv, Dh)
+        v = _project(x, rows, self.v_proj, self.v_proj_moe_gen).view(N, Hkv, Dh)
+        q = apply_rope(_norm(q, rows, self.q_norm, self.q_norm_moe_gen), cos, sin)  # [P·L, H, Dh]
+        k = apply_rope(_norm(k, rows, self.k_norm, self.k_norm_moe_gen), cos, sin)  # [P·L, Hkv, Dh]
+        outs, kvs = [], []
+        for p, past in enumerate(pasts):
+            # [Lk, Hkv, Dh]: the pass's cache, then its new tokens in their original order
+            before = (None, None) if past is None else past
+            k_p, v_p = (rows.unpack(rows.of_pass(t, p), b) for t, b in zip((k, v), before))
+            outs.append(self.sdpa(rows.of_pass(q, p), k_p, v_p, rows, causal))
+            kvs.append((k_p, v_p))
+        return rows.join(outs), kvs
+
+    def sdpa(self, q: Tensor, k: Tensor, v: Tensor, rows: _Rows, causal: bool) -> Tensor:
+        """One pass's queries q [L, H, Dh] (expert order) over its keys and values [Lk, Hkv, Dh] -> [L, H*Dh]."""
+        L, H, Dh = q.shape
+        mask = attention_mask(L, k.shape[0], causal, q.device)
         if mask is not None:
-            mask = rows.pack(mask)  # query rows in expert order
+            mask = rows.pack_one(mask)  # query rows in expert order
         # GQA (head h reads KV head h // rep, with equal groups). Unmasked half-precision calls (every velocity
         # pass) pass the Hkv heads with enable_gqa: the flash/cuDNN kernels take it (bit-identical output, and no
         # [H, Lk, Dh] K/V copies: 2.5 ms of a 1024² pass on an H200). Masked or fp32 calls, and tensor-parallel
@@ -249,7 +285,7 @@ class Attention(nn.Module):
         # (73% of a 1024² velocity pass on an H200).
         q_all = q.transpose(0, 1)[None]  # [1, H, L, Dh]
         out = F.scaled_dot_product_attention(q_all, k_all[None], v_all[None], attn_mask=mask, enable_gqa=gqa)[0]
-        return out.transpose(0, 1).reshape(L, H * Dh), (k, v)
+        return out.transpose(0, 1).reshape(L, H * Dh)
 
 
 def _pack_rope(rows: _Rows, t: Tensor) -> Tensor:
@@ -272,19 +308,20 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, gen: slice | None, causal: bool
     ) -> tuple[Tensor, LayerKV]:
         rows = _Rows(x.shape[0], gen)
-        x, kv = self.step(rows.pack(x, copy=True), _pack_rope(rows, cos), _pack_rope(rows, sin), past, rows, causal)
-        return rows.unpack(x), kv
+        x, kvs = self.step(rows.pack(x, copy=True), _pack_rope(rows, cos), _pack_rope(rows, sin), [past], rows, causal)
+        return rows.unpack(x), kvs[0]
 
     def step(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past: LayerKV | None, rows: _Rows, causal: bool
-    ) -> tuple[Tensor, LayerKV]:
-        """forward() on x [L, D] in expert order, updated IN PLACE (the residual stream) and returned."""
-        h = _norm(x, rows, self.input_layernorm, self.input_layernorm_moe_gen)  # [L, D]
-        h, kv = self.self_attn.attend(h, cos, sin, past, rows, causal)
+        self, x: Tensor, cos: Tensor, sin: Tensor, pasts: list[LayerKV | None], rows: _Rows, causal: bool
+    ) -> tuple[Tensor, list[LayerKV]]:
+        """forward() on x [P·L, D] in expert order (P = rows.passes, one cache each), updated IN PLACE (the residual
+        stream) and returned, with each pass's extended cache."""
+        h = _norm(x, rows, self.input_layernorm, self.input_layernorm_moe_gen)  # [P·L, D]
+        h, kvs = self.self_attn.attend(h, cos, sin, pasts, rows, causal)
         _add_projection(x, h, rows, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen, self.reduce)  # x += o_proj(h)
         h = _norm(x, rows, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
         _add_mlp(x, h, rows, self.mlp, self.mlp_moe_gen, self.reduce)
-        return x, kv
+        return x, kvs
 
 
 class Qwen2MoTModel(nn.Module):
@@ -315,14 +352,43 @@ class Qwen2MoTModel(nn.Module):
         Inference only (no autograd).
         """
         rows = _Rows(x.shape[0], gen)
+        x, kv = self._run(x, positions, [past], rows, causal, keep_kv=True)
+        return rows.unpack(x), tuple(layer_kvs[0] for layer_kvs in kv)
+
+    @torch.no_grad()
+    def passes(
+        self, x: Tensor, positions: list[Tensor], pasts: list[tuple[LayerKV, ...] | None], gen: slice | None
+    ) -> list[Tensor]:
+        """Batched passes: one block x [L, D] against P caches at once, full attention, the caches not extended.
+
+        Pass p gives forward(x, positions[p], pasts[p], gen)'s hidden states, but the layer stack runs once for all
+        of them: every token-wise op (norms, projections, MLPs; each expert one GEMM) on P·L rows (_Rows),
+        attention per pass against its own cache at its own RoPE positions. Each weight is thus read once per call
+        instead of P times, and a streamed layer (stream.py) copied once. Memory: the activations of P·L rows
+        instead of L (a 1024² velocity pass has L = 4098 tokens: ~0.6 GiB of bf16 activations per pass at full
+        size, stream.pass_work_bytes), and no new KV caches (each layer's extended ones are dropped).
+
+        Args:
+            positions: P tensors [L], each pass's RoPE positions (a context's own).
+            pasts: P caches (None = empty).
+        Returns P final-norm hidden states [L, D].
+        """
+        rows = _Rows(x.shape[0], gen, len(pasts))
+        x, _ = self._run(x, torch.cat(positions), pasts, rows, causal=False, keep_kv=False)
+        return [rows.unpack(rows.of_pass(x, p)) for p in range(rows.passes)]
+
+    def _run(self, x: Tensor, positions: Tensor, pasts: list, rows: _Rows, causal: bool, keep_kv: bool):
+        """The layer stack on block x [L, D] at `positions` [P·L] (pass after pass) against each pass's cache:
+        final-norm hidden states [P·L, D] (expert order), and every layer's extended caches if keep_kv."""
         cos, sin = rope_cos_sin(rows.pack(positions), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         x = rows.pack(x, copy=True)  # the residual stream, updated in place by every layer
         new_kv = []
         layers = self.layers if self.stream is None else self.stream.layers(self.layers)
         for i, layer in enumerate(layers):
-            x, kv = layer.step(x, cos, sin, None if past is None else past[i], rows, causal)
-            new_kv.append(kv)
-        return rows.unpack(_norm(x, rows, self.norm, self.norm_moe_gen)), tuple(new_kv)
+            x, kvs = layer.step(x, cos, sin, [None if past is None else past[i] for past in pasts], rows, causal)
+            if keep_kv:
+                new_kv.append(kvs)
+        return _norm(x, rows, self.norm, self.norm_moe_gen), new_kv
 
 
 class Qwen2MoTForCausalLM(nn.Module):

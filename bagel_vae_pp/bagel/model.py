@@ -8,7 +8,8 @@ plain references instead of deep copies. Blocks enter a context the official way
 - text: `<|im_start|>` ids `<|im_end|>`, consecutive positions, causal, understanding expert;
 - image (ViT or clean VAE latent): `<|vision_start|>` tokens `<|vision_end|>`, all at one position, full
   attention; the position then advances by one. VAE latents use the generation expert (markers do not);
-- a noisy latent being generated: like a VAE block, run against a context without updating it.
+- a noisy latent being generated: like a VAE block, run against a context without updating it; the guidance
+  passes of a step run it against their contexts together (`velocities`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,16 @@ class Bagel(nn.Module):
         gen = slice(1, L - 1)
         hidden, _ = self.extend(ctx, block, torch.full((L,), ctx.rope), gen=gen, causal=False)  # [L, D]
         return self.llm2vae(hidden[gen])  # [N, 64]
+
+    def velocities(self, contexts: list[Context], block: Tensor) -> list[Tensor]:
+        """velocity(ctx, block) [N, 64] for each of P contexts, as batched passes: the layer stack runs once, on
+        the P·(N+2) rows of the block's copies (Qwen2MoTModel.passes: each weight read once per call, P times the
+        activations of one pass); each copy attends to its own context at that context's RoPE position."""
+        L = block.shape[0]
+        gen = slice(1, L - 1)
+        positions = [torch.full((L,), ctx.rope, device=self.device) for ctx in contexts]
+        hidden = self.language_model.model.passes(block, positions, [ctx.kv for ctx in contexts], gen)  # P x [L, D]
+        return [self.llm2vae(h[gen]) for h in hidden]  # P x [N, 64]
 
     def next_token_logits(self, ctx: Context, token: int) -> tuple[Tensor, Context]:
         """Feed one token at ctx.rope (causal, und) and return the next-token logits [V] and the new ctx."""

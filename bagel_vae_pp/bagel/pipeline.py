@@ -73,7 +73,14 @@ class ImageInput:
 
 
 def sequential_passes(model: Bagel) -> VelocityPasses:
+    """One velocity pass after the other: each reads every weight (and copies every streamed layer) once."""
     return lambda contexts, block: [model.velocity(ctx, block) for ctx in contexts]
+
+
+def batched_passes(model: Bagel) -> VelocityPasses:
+    """All passes of a step through each layer together (Bagel.velocities): each weight read, each streamed layer
+    copied, once per step; the activations of every pass at once. The default."""
+    return model.velocities
 
 
 class InProcess:
@@ -85,7 +92,7 @@ class InProcess:
 
     def __init__(self, model: Bagel, special: SpecialTokens, passes: VelocityPasses | None = None):
         self.model, self.special = model, special
-        self.passes = passes or sequential_passes(model)
+        self.passes = passes or batched_passes(model)
 
     @property
     def params(self) -> BagelParams:

@@ -84,17 +84,18 @@ def tensor_bytes(module: nn.Module) -> int:
 
 
 def pass_work_bytes(params: BagelParams, dtype: torch.dtype) -> int:
-    """Device memory a pass needs beyond the weights, estimated for the largest image of the checkpoint.
+    """Device memory a step's passes need beyond the weights, estimated for the largest image of the checkpoint.
 
     A velocity pass at the largest size runs L = max_latent_size² + 2 tokens; a layer holds about 6 [L, D]
     tensors (residual, its norm, q, attention output, o_proj and cache copies) and 3 [L, intermediate] ones
-    (gate, up, down input). An edit keeps three contexts' KV caches (image, ViT tokens and text each, up to
-    L + vit_max_patches² + 512 tokens). Plus WORK_MARGIN_BYTES. An estimate, checked by bench_bagel.py's peak.
+    (gate, up, down input), for each of an edit's 3 guidance passes, which run batched (Bagel.velocities). An
+    edit keeps three contexts' KV caches (image, ViT tokens and text each, up to L + vit_max_patches² + 512
+    tokens). Plus WORK_MARGIN_BYTES. An estimate, checked by bench_bagel.py's peak.
     """
     llm, size = params.llm, dtype.itemsize
     L = params.max_latent_size**2 + 2
     context = L + params.vit_max_patches_per_side**2 + 512
-    activations = L * (6 * llm.hidden_size + 3 * llm.intermediate_size) * size
+    activations = 3 * L * (6 * llm.hidden_size + 3 * llm.intermediate_size) * size
     kv = 3 * llm.num_hidden_layers * 2 * context * llm.num_key_value_heads * llm.head_dim * size
     return activations + kv + WORK_MARGIN_BYTES
 
