@@ -33,6 +33,7 @@ from .bagel.loader import (
 from .bagel.pipeline import ImageInput
 from .bagel.quantize import check_weight_dtype
 from .bagel.split import Split, choose_split, parse_split
+from .bagel.stream import pass_work_bytes
 from .bagel.tokenizer import BagelTokenizer, SpecialTokens
 from .bagel.tp import shard_nbytes
 
@@ -169,5 +170,6 @@ def auto_split(pool, folder: str, dtype: str, weight_dtype: str, interrupt=None)
     pool.holding.pop("bagel", None)
     replies = pool.call({"op": "bagel", "bagel_op": "unload"}, "BAGEL memory", 60, interrupt)
     params = read_folder_params(folder)
-    return choose_split(len(pool.spec.devices), lambda tp: shard_nbytes(params, 0, tp, DTYPES[dtype], weight_dtype),
-                        [r["free_bytes"] for r in replies])  # fmt: skip
+    work = pass_work_bytes(params, DTYPES[dtype])  # as the in-process loader's plan (stream.py): one estimate
+    return choose_split(len(pool.spec.devices), lambda tp: shard_nbytes(params, 0, tp, DTYPES[dtype], weight_dtype)
+                        + work, [r["free_bytes"] for r in replies])  # fmt: skip

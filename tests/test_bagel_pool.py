@@ -17,7 +17,8 @@ from host_stub import InterruptProcessingException
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.pipeline import autoencoder_moments, edit_image, text_to_image, understand_image
 from bagel_vae_pp.bagel.sampler import GuidanceOptions
-from bagel_vae_pp.bagel.split import WORK_BYTES, Split
+from bagel_vae_pp.bagel.split import Split
+from bagel_vae_pp.bagel.stream import pass_work_bytes
 from bagel_vae_pp.bagel.tiny import TINY_TP_PARAMS, write_tiny_checkpoint
 from bagel_vae_pp.bagel.tp import shard_nbytes
 from bagel_vae_pp.bagel_job import PoolBagel, auto_split, load_on_pool
@@ -102,7 +103,8 @@ class TestFp8Weights:
 
     def test_auto_split_counts_fp8_bytes_and_keeps_a_held_model_of_the_same_weight_dtype(self, checkpoint):
         """Two GPUs with room for one FP8 copy (not a bf16 one) each: fp8 gets a copy per worker, bf16 a TP pair."""
-        free = WORK_BYTES + shard_nbytes(checkpoint.model.params, 0, 1, torch.bfloat16, "fp8_e4m3fn")
+        params = checkpoint.model.params
+        free = pass_work_bytes(params, torch.bfloat16) + shard_nbytes(params, 0, 1, torch.bfloat16, "fp8_e4m3fn")
         pool = SimpleNamespace(spec=SimpleNamespace(devices=("cuda:0", "cuda:1")), is_running=False, holding={},
                                call=lambda *args: [{"free_bytes": free}] * 2)  # fmt: skip
         assert auto_split(pool, checkpoint.folder, "bf16", "fp8_e4m3fn") == Split(2, 1)

@@ -12,9 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 GIB = 1 << 30
-# Room a worker needs above its weights: a 1024² generation's KV caches and activations measured 1.1 GiB above the
-# parameters on one H100 (BENCHMARKS.md, 2026-12-07); 2 GiB leaves room for the allocator's rounding.
-WORK_BYTES = 2 * GIB
 DEFAULT_MAX_GROUPS = 2  # text-to-image, the common case, has two passes to run side by side
 
 
@@ -54,18 +51,22 @@ def parse_split(text: str, workers: int) -> Split | None:
 
 
 def choose_split(
-    workers: int, shard_bytes: Callable[[int], int], free_bytes: list[int | None], max_groups: int = DEFAULT_MAX_GROUPS
+    workers: int,
+    need_bytes: Callable[[int], int],
+    free_bytes: list[int | None],
+    max_groups: int = DEFAULT_MAX_GROUPS,
 ) -> Split:
-    """The smallest tensor-parallel size whose shard (+ WORK_BYTES) fits every worker's free memory (None: a CPU
-    worker, always fits), then as many groups of it as there are passes to share (max_groups) and workers for, each
-    group as wide as the workers allow: more TP shortens every pass, more groups run passes side by side."""
+    """The smallest tensor-parallel size whose worker's need (`need_bytes(tp)`: its shard and a step's working
+    memory) fits every worker's free memory (None: a CPU worker, always fits), then as many groups of it as there
+    are passes to share (max_groups) and workers for, each group as wide as the workers allow: more TP shortens
+    every pass, more groups run passes side by side."""
     room = min((f for f in free_bytes if f is not None), default=None)
     for tp in range(1, workers + 1):
-        if room is None or shard_bytes(tp) + WORK_BYTES <= room:
+        if room is None or need_bytes(tp) <= room:
             groups = max(1, min(max_groups, workers // tp))
             return Split(groups, workers // groups)
     raise ValueError(
         f"BAGEL does not fit the pool: split over all {workers} worker(s) each needs "
-        f"{(shard_bytes(workers) + WORK_BYTES) / GIB:.1f} GiB and the fullest device has {room / GIB:.1f} GiB free. "
+        f"{need_bytes(workers) / GIB:.1f} GiB and the fullest device has {room / GIB:.1f} GiB free. "
         "Add devices to the pool, free memory on them, or store the weights in FP8 (weight_dtype fp8_e4m3fn)."
     )
