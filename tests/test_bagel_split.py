@@ -69,3 +69,16 @@ class TestChoose:
     def test_refusal_says_what_is_needed_and_free(self):
         with pytest.raises(ValueError, match=r"each needs 9\.0 GiB and the fullest device has 8\.0 GiB free"):
             choose_split(4, lambda tp: 28 * GIB // tp + WORK, [8 * GIB, 30 * GIB])
+
+
+def test_workers_make_a_process_group_for_every_group_a_split_or_a_vae_job_uses():
+    """A sealed gloo group takes no new connections, so the workers make them all at start (worker.group_blocks):
+    each TP group of every split the pool's size allows, and each prefix of ranks (a VAE job's bands)."""
+    from bagel_vae_pp.worker import group_blocks
+
+    assert group_blocks(1) == group_blocks(2) == []  # one rank needs no group; two use the whole world's
+    for world in range(2, 9):
+        made = set(group_blocks(world)) | {(0, world)}
+        assert len(made) == len(group_blocks(world)) + 1, world  # each made once
+        needed = {(g * tp, tp) for tp in range(2, world + 1) for g in range(world // tp)}
+        assert needed | {(0, k) for k in range(2, world + 1)} == made, world
