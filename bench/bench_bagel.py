@@ -136,7 +136,8 @@ def synchronize(devices: list[str]) -> None:
             torch.cuda.synchronize(d)
 
 
-def generate(models, tokenizer, args, options, steps: int) -> tuple[float, int]:
+def generate(models, tokenizer, args, options, steps: int) -> tuple[float, int, torch.Tensor]:
+    """Seconds, model passes and the final latent of one text to image."""
     passes = Passes(models, args.passes)
     run_options = dataclasses.replace(options, num_timesteps=steps)
     synchronize(args.devices)
@@ -144,7 +145,7 @@ def generate(models, tokenizer, args, options, steps: int) -> tuple[float, int]:
     latent, _ = text_to_image(models[0], tokenizer, "prompt", args.size, args.size, 0, run_options, passes=passes)
     synchronize(args.devices)
     assert latent.shape == (1, 16, args.size // 8, args.size // 8) and torch.isfinite(latent).all()
-    return time.perf_counter() - start, passes.count
+    return time.perf_counter() - start, passes.count, latent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="one device only: at most GIB of it, decoder layers streamed as needed")  # fmt: skip
     parser.add_argument("--resident-layers", type=int, metavar="K",
                         help="one device only: stream all decoder layers but K (not the cap's plan)")  # fmt: skip
+    parser.add_argument("--step-cache", type=float, default=0.0,
+                        help="StepCache threshold (sampler.py); above 0 the uncached run is timed too, for the "
+                        "speed-up and the latent's error")  # fmt: skip
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the streaming plan, on stderr
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if (args.memory_cap is not None or args.resident_layers is not None) and len(args.devices) > 1:
         parser.error("--memory-cap and --resident-layers take one device")
     options = GuidanceOptions(args.steps, 3.0, args.cfg_text_scale, args.cfg_img_scale, tuple(args.cfg_interval),
-                              args.renorm, 0.0)  # fmt: skip
+                              args.renorm, 0.0, args.step_cache)  # fmt: skip
     models = build_models(args.config, args.devices, DTYPES[args.dtype], args.weight_dtype, seed=0)
     resident = place(models[0], args.devices[0], args.memory_cap, args.resident_layers)
     tokenizer = SyntheticTokenizer(args.prompt_tokens)
@@ -184,7 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     for d in args.devices:
         if d.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(d)
-    seconds, passes = generate(models, tokenizer, args, options, args.steps)
+    seconds, passes, latent = generate(models, tokenizer, args, options, args.steps)
+    cache = {}
+    if args.step_cache > 0:  # the same generation without the cache: speed-up and error
+        uncached = dataclasses.replace(options, step_cache=0.0)
+        uncached_s, uncached_passes, want = generate(models, tokenizer, args, uncached, args.steps)
+        cache = {"step_cache": args.step_cache, "uncached_seconds": round(uncached_s, 3),
+                 "uncached_passes": uncached_passes, "speedup": round(uncached_s / seconds, 3),
+                 "latent_rel_l2_vs_uncached": round(float((latent - want).norm() / want.norm()), 5)}  # fmt: skip
     result = {
         "config": args.config, "devices": args.devices, "dtype": args.dtype, "weight_dtype": args.weight_dtype,
         "parameter_gib": round(parameter_gib(models[0]), 2), "size": args.size, "steps": args.steps,
@@ -199,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         "resident_layers": resident, "streamed_gib_per_pass": streamed_gib(models[0]),
         "gpu": [torch.cuda.get_device_name(d) for d in args.devices if d.startswith("cuda")],
         "torch": torch.__version__,
+        **cache,
     }  # fmt: skip
     print(json.dumps(result))
     if args.json:

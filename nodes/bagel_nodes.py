@@ -15,7 +15,7 @@ from ..bagel_vae_pp.bagel.pipeline import (
     understand_image,
 )
 from ..bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES
-from ..bagel_vae_pp.bagel.sampler import DEFAULT_GUIDANCE, RENORM_TYPES, GuidanceOptions
+from ..bagel_vae_pp.bagel.sampler import DEFAULT_GUIDANCE, MAX_STEP_CACHE, RENORM_TYPES, GuidanceOptions
 from ..bagel_vae_pp.bagel.stream import is_streamed, pass_work_bytes, stream_to_fit_, tensor_bytes
 from ..bagel_vae_pp.bagel_job import load_on_pool
 from ..bagel_vae_pp.pool import get_pool
@@ -171,10 +171,17 @@ def guidance_inputs(defaults: GuidanceOptions) -> dict:
     }
 
 
+# Optional (prompts saved before it existed still validate), so it sits after the other widgets.
+STEP_CACHE_INPUT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_STEP_CACHE, "step": 0.01, "tooltip": "Speed-up, "
+                    "off at 0: a step reuses the last computed velocity while the latent moved less than this "
+                    "(relative L1) since then and guidance did not switch. Changes the image; 0 = the official "
+                    "sampler."})  # fmt: skip
+
+
 def guidance(kw: dict) -> GuidanceOptions:
     return GuidanceOptions(kw["steps"], kw["timestep_shift"], kw["cfg_text_scale"], kw["cfg_img_scale"],
                            (kw["cfg_interval_start"], kw["cfg_interval_end"]), kw["cfg_renorm_type"],
-                           kw["cfg_renorm_min"])  # fmt: skip
+                           kw["cfg_renorm_min"], kw.get("step_cache", 0.0))  # fmt: skip
 
 
 class BagelModelLoader:
@@ -242,7 +249,7 @@ class BagelTextToImage:
                       "at a long side of 1024; smaller images come out blurry)."}),
             "height": ("INT", {**size, "tooltip": "Multiple of 16, up to 1024."}),
             **guidance_inputs(DEFAULT_GUIDANCE["text_to_image"]),
-        }}  # fmt: skip
+        }, "optional": {"step_cache": STEP_CACHE_INPUT}}  # fmt: skip
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height):
@@ -282,7 +289,8 @@ class BagelImageEdit:
                          **guidance_inputs(DEFAULT_GUIDANCE["edit"])},
             "optional": {"pool": ("VAE_POOL", {"tooltip": "Encode the conditioning image with these VAE workers "
                                   "(posterior mean). Unconnected: the local VAE samples the posterior, as the "
-                                  "official app does."})},
+                                  "official app does."}),
+                         "step_cache": STEP_CACHE_INPUT},
         }  # fmt: skip
 
     def execute(self, bagel_model, image, prompt, seed, pool=None, **kw):

@@ -177,6 +177,7 @@ class TestRefusals:
             ([*T2I, "--cfg-renorm-type", "local"], "error: --cfg-renorm-type: cfg_renorm_type is 'local'; allowed "
              "values are global, channel, text_channel."),
             ([*T2I, "--steps", "1"], "error: --steps: steps is 1; use at least 2"),
+            ([*T2I, "--step-cache", "2"], "error: --step-cache: step_cache is 2.0; allowed range is 0.0 (off) to 1.0."),
             ([*EDIT, "--image", "{empty}/none.png"], "error: --image '{empty}/none.png': no such file."),
             ([*EDIT, "--image", "{folder}/llm_config.json"], "error: --image '{folder}/llm_config.json': not an "
              "image file PIL can read"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,20 @@ class TestRun:
         finally:
             host.interrupt_after = None
         assert host.checks == 2
+
+    def test_step_cache_reaches_the_sampler_and_still_reports_every_step(self, nodes, loaded, host):
+        """The optional step_cache input: the engine's StepCache result with that threshold, progress every step."""
+        pipeline = sys.modules[f"{PACK}.bagel_vae_pp.bagel.pipeline"]
+        sampler = sys.modules[f"{PACK}.bagel_vae_pp.bagel.sampler"]
+        inputs = text_to_image_inputs(steps=12)
+        options = sampler.GuidanceOptions(12, 3.0, 4.0, 1.5, (0.4, 1.0), "global", 0.0, 0.2)
+        b = loaded[0].loaded
+        want, _ = pipeline.text_to_image(b.model, b.tokenizer, "the cat", 32, 48, 3, options)
+        plain, _ = pipeline.text_to_image(b.model, b.tokenizer, "the cat", 32, 48, 3, replace(options, step_cache=0.0))
+        host.progress.clear()
+        (got, _) = nodes.BagelTextToImage().execute(loaded[0], **inputs, step_cache=0.2)
+        assert torch.equal(got["samples"], want) and not torch.equal(want, plain)
+        assert [done for done, _ in host.progress] == list(range(1, 12))
 
     def test_wrong_renorm_type_is_an_error_not_a_black_image(self, nodes, loaded):
         with pytest.raises(ValueError, match="cfg_renorm_type is 'local'"):

@@ -8,6 +8,7 @@ reference is the in-process FP8 model; fp8_e4m3fn_fast is refused on CPU workers
 """
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -61,6 +62,20 @@ class TestSameAsInProcess:
         got, _ = text_to_image(pool_bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, T2I)
         pool_bagel.release()
         assert close(got, want) <= 1e-5
+
+    def test_step_cache_skips_the_same_steps(self, checkpoint, pool_bagel):
+        """StepCache decides on the host's latent: the pool skips what in-process skips (fewer passes, same latent)."""
+        cached = replace(T2I, num_timesteps=12, step_cache=0.2)
+        want, _ = text_to_image(checkpoint.model, checkpoint.tokenizer, "a red cube", 64, 48, 3, cached)
+        calls = []
+        velocities = pool_bagel.velocities
+        pool_bagel.velocities = lambda *args: calls.append(1) or velocities(*args)
+        try:
+            got, _ = text_to_image(pool_bagel, checkpoint.tokenizer, "a red cube", 64, 48, 3, cached)
+        finally:
+            del pool_bagel.velocities
+        pool_bagel.release()
+        assert close(got, want) <= 1e-5 and len(calls) < 11
 
     def test_edit(self, checkpoint, pool_bagel):
         encode = autoencoder_moments(checkpoint.vae)  # the conditioning encode stays on the host here

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from bagel_vae_pp.bagel.sampler import GuidanceOptions, build_schedule, combine_cfg, euler_sample, is_guided
+from bagel_vae_pp.bagel.sampler import (
+    GuidanceOptions,
+    StepCache,
+    build_schedule,
+    combine_cfg,
+    euler_sample,
+    is_guided,
+)
 
 
 class TestSchedule:
@@ -75,3 +82,55 @@ class TestEuler:
                 torch.ones(1, 1), build_schedule(10, 3.0), lambda x, t: evaluations.append(t) or x, interrupt=interrupt
             )
         assert len(evaluations) == 2
+
+
+def drift(x, t):
+    """A stand-in velocity that changes with x and t (and counts nothing itself)."""
+    return torch.sin(3 * x) + t
+
+
+class TestStepCache:
+    """Against the rule written out here: evaluate unless the latent is within `threshold` (relative L1) of the one
+    last evaluated at and the guidance phase is unchanged; then reuse that velocity."""
+
+    def reference(self, x, schedule, threshold, phase):
+        evaluated, last = [], None
+        for i in range(len(schedule) - 1):
+            t = schedule[i]
+            near = last is not None and phase(t) == last[2]
+            near = near and float((x - last[0]).abs().sum()) < threshold * float(last[0].abs().sum())
+            if not near:
+                last = (x, drift(x, t), phase(t))
+                evaluated.append(i)
+            x = x - last[1] * (schedule[i] - schedule[i + 1])
+        return x, evaluated
+
+    @pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2, 0.6])
+    def test_skips_the_steps_the_rule_skips(self, threshold):
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        schedule = build_schedule(30, 3.0)
+        phase = lambda t: is_guided(t, (0.4, 1.0))  # noqa: E731
+        steps = []
+        cache = StepCache(lambda x, t: steps.append(t) or drift(x, t), threshold, phase)
+        got = euler_sample(x, schedule, cache)
+        want, evaluated = self.reference(x, schedule, threshold, phase)
+        assert steps == [schedule[i] for i in evaluated] and cache.evaluations == len(evaluated)
+        assert torch.equal(got, want)
+        if threshold == 0.0:
+            assert len(steps) == 29
+        if threshold == 0.6:
+            assert len(steps) < 15
+
+    def test_a_guidance_switch_always_evaluates(self):
+        """With a huge threshold only the first step and the step where CFG turns off run the model."""
+        schedule = build_schedule(20, 3.0)
+        steps = []
+        cache = StepCache(lambda x, t: steps.append(t) or drift(x, t), 1.0, lambda t: is_guided(t, (0.4, 1.0)))
+        euler_sample(torch.ones(4, 2), schedule, cache)
+        first_unguided = next(t for t in schedule if not is_guided(t, (0.4, 1.0)))
+        assert steps == [schedule[0], first_unguided]
+
+    @pytest.mark.parametrize("value", [-0.1, 1.5])
+    def test_threshold_outside_its_range_is_refused(self, value):
+        with pytest.raises(ValueError, match=rf"step_cache is {value}; allowed range is 0.0 \(off\) to 1.0"):
+            GuidanceOptions(50, 3.0, 4.0, 1.5, (0.4, 1.0), "global", 0.0, value)

@@ -49,6 +49,7 @@ GUIDANCE_OPTIONS = {
     "cfg_interval": "cfg_interval",
     "cfg_renorm_type": "cfg_renorm_type",
     "cfg_renorm_min": "cfg_renorm_min",
+    "step_cache": "step_cache",
 }
 
 
@@ -337,6 +338,11 @@ def add_generation(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument(
         "--cfg-renorm-min", type=float, help=f"renorm factor lower bound, 0 to 1 (default {d.cfg_renorm_min})"
     )
+    cache = (
+        "reuse the last velocity while the latent moved less than this (relative L1) and guidance did not switch: "
+        "faster, changes the image (default 0 = off)"
+    )
+    p.add_argument("--step-cache", type=float, help=cache)
     p.add_argument("--max-think-tokens", type=int, default=DEFAULT_MAX_THINK_TOKENS, help="--think: planning tokens")
     p.add_argument("--out", help="the decoded PNG (default bagel_<seed>.png in the current folder)")
     p.add_argument("--latent", help="also write the final LATENT here (safetensors, key 'samples', raw VAE space)")

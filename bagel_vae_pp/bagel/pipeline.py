@@ -30,7 +30,7 @@ from .images import (
     vit_resize_spec,
 )
 from .model import EMPTY_CONTEXT, Bagel, Context
-from .sampler import GuidanceOptions, build_schedule, combine_cfg, euler_sample, is_guided
+from .sampler import GuidanceOptions, StepCache, build_schedule, combine_cfg, euler_sample, is_guided
 from .tokenizer import BagelTokenizer, SpecialTokens
 from .vit import flat_position_ids, patchify
 
@@ -232,6 +232,8 @@ def sample_latent(
         scales = (options.cfg_text_scale, options.cfg_img_scale) if guided else (1.0, 1.0)
         return guided_velocity(ops, contexts, x_t, t, position_ids, *scales, options)
 
+    if options.step_cache > 0:
+        velocity = StepCache(velocity, options.step_cache, lambda t: is_guided(t, options.cfg_interval))
     schedule = build_schedule(options.num_timesteps, options.timestep_shift)
     tokens = euler_sample(x, schedule, velocity, progress, interrupt)  # [N, 64]
     return tokens_to_raw(tokens, h, w, params)
