@@ -43,6 +43,9 @@ CORE_WIDGETS = {
     "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
     "FluxGuidance": ["guidance"],
     "ImageScale": ["upscale_method", "width", "height", "crop"],
+    "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],  # the latent core's Wan templates use
+    "CreateVideo": ["fps"],  # comfy_extras/nodes_video.py; its optional `audio` is a socket
+    "SaveVideo": ["filename_prefix", "format", "codec"],
 }
 # Frontend-only nodes: they never reach the API graph.
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
