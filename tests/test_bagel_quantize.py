@@ -9,6 +9,7 @@ import torch
 from kernel_refs import interpreted_kernels, needs_triton  # noqa: F401
 from safetensors import safe_open
 
+from bagel_vae_pp.bagel import llm, quantize
 from bagel_vae_pp.bagel.config import CONFIGS
 from bagel_vae_pp.bagel.loader import load_bagel
 from bagel_vae_pp.bagel.model import EMPTY_CONTEXT, Bagel
@@ -20,7 +21,7 @@ from bagel_vae_pp.bagel.quantize import (
     quantize_llm_,
     quantize_rows,
 )
-from bagel_vae_pp.bagel.tiny import write_tiny_checkpoint
+from bagel_vae_pp.bagel.tiny import random_bagel, write_tiny_checkpoint
 from bagel_vae_pp.bagel.tokenizer import SpecialTokens
 
 FP8 = torch.float8_e4m3fn
@@ -307,6 +308,25 @@ class TestFastGemm:
         err = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
         print(f"\nfp8 GEMM with per-token activation scales: worst token rel. L2 error {err:.4f} against float64")
         assert err < 2**-4
+
+    @pytest.mark.parametrize("passes", [1, 2])
+    def test_inputs_read_by_several_fp8_gemms_are_quantized_once_to_the_same_output(self, monkeypatch, passes):
+        lm = quantize_llm_(random_bagel(CONFIGS["tiny"], seed=2).to(torch.bfloat16), "fp8_e4m3fn_fast")
+        lm = lm.language_model.model
+        x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+        positions = [torch.arange(6) + 5 * p for p in range(passes)]
+        calls = []
+        real = quantize.quantize_rows
+        monkeypatch.setattr(quantize, "quantize_rows", lambda t: calls.append(t.shape) or real(t))
+        shared, n_shared = lm.passes(x, positions, [None] * passes, gen=slice(1, 5)), len(calls)
+        monkeypatch.setattr(llm, "quantize_once", lambda x, *linears: x)  # each Fp8Linear quantizes its rows
+        calls.clear()
+        own = lm.passes(x, positions, [None] * passes, gen=slice(1, 5))
+        for a, b in zip(shared, own, strict=True):
+            assert torch.equal(a, b)
+        # a layer, both experts: q/k/v once (not 6 times), o_proj twice, gate/up once (not 4 times), down_proj twice
+        layers = CONFIGS["tiny"].llm.num_hidden_layers
+        assert (n_shared, len(calls)) == (6 * layers, 14 * layers)
 
 
 @needs_triton

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LLMConfig
+from .quantize import Fp8Rows, quantize_once
 
 # One layer's cached keys and values, [Lk, Hkv, Dh] each.
 LayerKV = tuple[Tensor, Tensor]
@@ -56,7 +57,7 @@ class MLP(nn.Module):
         return self.down_proj(_swiglu(self, x))
 
 
-def _swiglu(mlp: MLP, x: Tensor) -> Tensor:
+def _swiglu(mlp: MLP, x: Tensor | Fp8Rows) -> Tensor:
     """silu(gate(x)) * up(x), in place on the gate output (no [L, hidden] temporaries)."""
     g = mlp.gate_proj(x)
     return F.silu(g, inplace=True).mul_(mlp.up_proj(x))
@@ -137,9 +138,9 @@ def _norm(x: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm) -> Tensor:
     return y
 
 
-def _project(x: Tensor, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
+def _project(x: Tensor | Fp8Rows, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
     """Each expert's Linear on its rows of x [L, Din] (expert order), written straight into one [L, Dout]."""
-    out = x.new_empty(x.shape[0], und.out_features)
+    out = torch.empty(x.shape[0], und.out_features, dtype=x.dtype, device=x.device)
     for r, lin in rows.parts(und, gen):
         if not isinstance(lin, nn.Linear):
             out[r] = lin(x[r])  # a quantized layer (quantize.py) runs its own GEMM
@@ -171,6 +172,7 @@ def _add_projection(acc: Tensor, x: Tensor, rows: _Rows, und: nn.Linear, gen: nn
 
 def _add_mlp(x: Tensor, h: Tensor, rows: _Rows, und: MLP, gen: MLP, reduce: Reduce) -> None:
     """x += each expert's MLP of its rows of h, in place; with `reduce`, as _add_projection (down_proj has no bias)."""
+    h = quantize_once(h, und.gate_proj, und.up_proj, gen.gate_proj, gen.up_proj)  # FP8 GEMMs: gate/up share it
     if reduce is None:
         for r, mlp in rows.parts(und, gen):
             if not isinstance(mlp.down_proj, nn.Linear):
@@ -254,6 +256,7 @@ class Attention(nn.Module):
         """Attention of the normed tokens x [P·L, D] (expert order, P = rows.passes) before o_proj: [P·L, H*Dh]
         (expert order), and each pass's cache pasts[p] extended by its new keys/values (original order)."""
         N, H, Hkv, Dh = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        x = quantize_once(x, *(getattr(self, f"{n}_proj{s}") for n in "qkv" for s in ("", "_moe_gen")))  # FP8 once
         q = _project(x, rows, self.q_proj, self.q_proj_moe_gen).view(N, H, Dh)
         k = _project(x, rows, self.k_proj, self.k_proj_moe_gen).view(N, Hkv, Dh)
         v = _project(x, rows, self.v_proj, self.v_proj_moe_gen).view(N, Hkv, Dh)

@@ -29,52 +29,63 @@ In a model the FP8 tensor is the Fp8Linear buffer `weight_fp8` (`fp8_key`): its 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.dequant import dequantize_rows
+from ..kernels.quant import FP8, quantize_rows, row_amax  # noqa: F401 (row_amax: tp.py's)
 
-FP8 = torch.float8_e4m3fn
 LAYERS_PREFIX = "language_model.model.layers."  # the decoder layers in ema.safetensors and in Bagel
 FP8_GEMM_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
 
 
-def row_scales(amax: Tensor) -> Tensor:
-    """amax / 448 in fp32 [N] from row maxima amax [N]; 1 for a zero row (any positive scale represents it)."""
-    amax = amax.float()
-    return torch.where(amax > 0, amax / 448, 1.0)
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Activation rows [L, K] quantized per token (quantize_rows) for the FP8 GEMMs that read them.
 
-
-def row_amax(t: Tensor) -> Tensor:
-    """max |t| of each row of t [N, K], in fp32 [N]: one reduction, no |t| copy (a maximum is exact in any dtype)."""
-    return torch.linalg.vector_norm(t, float("inf"), dim=1).float()
-
-
-@torch.no_grad()
-def quantize_rows(t: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """t [N, K] -> (float8_e4m3fn [N, K], fp32 scales [N]) with t ~ q * scale[:, None], one scale per row.
-
-    Rows are a weight's output channels or an activation's tokens. `amax` [N]: the rows' maxima when t holds only
-    some columns of longer rows (a tensor-parallel shard of a weight split by input columns, tp.py), so that its
-    scales and quotients are the whole weight's; by default row_amax(t). The quotient is formed in fp32 by the
-    division itself (t's dtype promoted to the scale's: one fp32 temporary [N, K]) and rounded to e4m3; it is at
-    most 448 * (1 + 2^-23), which rounds to 448: never saturates.
+    Scales are per row, so rows r of the quantized rows are rows r quantized alone: one quantization serves every
+    fast Fp8Linear that reads the same input (q/k/v_proj, gate/up_proj; both experts' rows).
     """
-    scale = row_scales(row_amax(t) if amax is None else amax)  # [N]
-    return (t / scale[:, None]).to(FP8), scale
+
+    data: Tensor  # float8_e4m3fn [L, K]
+    scale: Tensor  # fp32 [L]
+    dtype: torch.dtype  # the rows' own, the GEMMs' output dtype
+
+    @classmethod
+    def of(cls, x: Tensor) -> Fp8Rows:
+        return cls(*quantize_rows(x), x.dtype)
+
+    def __getitem__(self, rows: slice) -> Fp8Rows:
+        return Fp8Rows(self.data[rows], self.scale[rows], self.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
 
 
-def fp8_linear(x: Tensor, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+def quantize_once(x: Tensor, *linears: nn.Module) -> Tensor | Fp8Rows:
+    """x quantized once for `linears` that all read it, if each is a fast Fp8Linear (each would quantize x
+    alike); else x as it is."""
+    return Fp8Rows.of(x) if all(isinstance(lin, Fp8Linear) and lin.fast for lin in linears) else x
+
+
+def fp8_linear(x: Tensor | Fp8Rows, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     """x [L, in] @ (weight_fp8 * weight_scale[:, None])ᵀ + bias as one FP8 GEMM, out [L, out] in x.dtype.
 
-    x is quantized per token (quantize_rows); both scales are applied in the GEMM's fp32 epilogue
-    (torch._scaled_mm, row-wise scaling). The error over storage mode is the activations' e4m3 rounding.
+    x is quantized per token (quantize_rows) unless it already is (Fp8Rows); both scales are applied in the
+    GEMM's fp32 epilogue (torch._scaled_mm, row-wise scaling). The error over storage mode is the activations'
+    e4m3 rounding.
     """
-    x_fp8, x_scale = quantize_rows(x)
+    x = x if isinstance(x, Fp8Rows) else Fp8Rows.of(x)
     return torch._scaled_mm(
-        x_fp8, weight_fp8.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :], bias=bias, out_dtype=x.dtype
+        x.data, weight_fp8.t(), scale_a=x.scale[:, None], scale_b=weight_scale[None, :], bias=bias, out_dtype=x.dtype
     )
 
 
@@ -115,7 +126,7 @@ class Fp8Linear(nn.Module):
             )
         return dequantize_rows(self.weight_fp8, self.weight_scale, self.compute_dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Fp8Rows) -> Tensor:
         if self.fast:
             return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
         return F.linear(x, self.weight, self.bias)
