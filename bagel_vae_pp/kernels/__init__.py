@@ -20,10 +20,12 @@ except ImportError:
 
 
 def is_available(device: torch.device | str) -> bool:
-    """Whether the Triton kernels run for tensors on `device` (CUDA, or any device under the interpreter)."""
+    """Whether the Triton kernels run for tensors on `device`: CUDA, or the CPU under the interpreter (never the meta
+    device, where a model is sized or built before its weights exist)."""
     if not HAS_TRITON:
         return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def is_nhwc(x: torch.Tensor) -> bool:
