@@ -13,7 +13,7 @@ from torch import nn
 from . import shm
 from .autoencoder import strip_prefixes
 from .inputs import check_latent, check_tiles, check_video_latent, non_finite_error, prepare_pixels
-from .vae_kinds import check_pool_runs, detect_params, is_video
+from .vae_kinds import detect_params, is_video
 
 LOAD_TIMEOUT_S = 180.0
 # Allowance per output megapixel per worker on top of timeout_s; CPU float32 is ~100x slower.
@@ -36,7 +36,6 @@ def ensure_vae(pool, vae: nn.Module, interrupt=None):
     pool.holding.pop("vae", None)  # a load that fails or is cancelled half way leaves the workers with none
     sd = strip_prefixes({k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()})
     params = detect_params(sd)
-    check_pool_runs(params)
     path = pool.staging.write_weights(sd, pool.job_id + 1)
     try:
         pool.call({"op": "load", "weights": path}, "loading the VAE", LOAD_TIMEOUT_S, interrupt)

@@ -81,15 +81,6 @@ def is_video(params) -> bool:
     return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams))
 
 
-def check_pool_runs(params) -> None:
-    """Refuse, before any weights travel, a kind the workers have no band-parallel forward for yet."""
-    if isinstance(params, hunyuan_video.HunyuanVideoParams):
-        raise ValueError(
-            "vae: this is a HunyuanVideo VAE; the engine runs it in one process (hunyuan_video.py) but does not "
-            "split it across the pool yet. Use core VAE Decode / VAE Encode for it."
-        )
-
-
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
     """The image autoencoder in the worker's layout (channels_last on GPUs); video models stay contiguous (their
     3-D conv weights have no channels_last)."""

@@ -71,3 +71,41 @@ def test_bands_decode_and_encode_as_the_whole_video(tmp_path, world, h, w):
     assert encoded.shape == (1, 4, 3, h, w)
     assert max_rel_err(decoded, ref_decoded) <= 1e-4
     assert max_rel_err(encoded, ref_encoded) <= 1e-4
+
+
+class TestPool:
+    """The real pool (CPU workers, gloo) on the tiny HunyuanVideo VAE: what the nodes get, against the module."""
+
+    @pytest.mark.parametrize("workers", [2, 3])
+    def test_decode_and_encode_equal_the_module(self, cpu_pool, workers):
+        vae = random_hunyuan_video("tiny", seed=SEED)
+        s = vae.params.downscale
+        z, video = inputs(5, 3, s)
+        z = torch.cat([z, -z])  # two videos: their frames come back one video after the other, as core's
+        frames = (video[0].permute(1, 2, 3, 0) + 1) / 2  # an IMAGE batch [9, 5s, 3s, 3] in [0, 1]
+        pool = cpu_pool(workers)
+        decoded, encoded = pool.decode(vae, z), pool.encode(vae, frames)
+        with torch.inference_mode():
+            ref = ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(18, 5 * s, 3 * s, 3)
+            ref_encoded = vae.encode(frames.permute(3, 0, 1, 2)[None] * 2 - 1)
+        assert decoded.shape == (18, 5 * s, 3 * s, 3) and encoded.shape == (1, 4, 3, 5, 3)
+        assert max_rel_err(decoded, ref) <= 1e-4
+        assert max_rel_err(encoded, ref_encoded) <= 1e-4
+
+    def test_bad_inputs_get_one_clear_error_each_and_harm_no_worker(self, cpu_pool):
+        vae, pool = random_hunyuan_video("tiny", seed=SEED), cpu_pool(2)
+        z, _ = inputs(3, 2)
+        bad = z.clone()
+        bad[0, 1, 1, 1, 1] = float("nan")
+        cases = [
+            (lambda: pool.decode(vae, z[:, :, 0]), r"video VAE decodes a video latent \[B, C, T, H, W\]"),
+            (lambda: pool.decode(vae, z[:, :3]), "the latent has 3 channels but this VAE takes 4"),
+            (lambda: pool.decode(vae, bad), "contains 1 NaN/Inf"),
+            (lambda: pool.decode(vae, z, mode="tiled"), "not available for video VAEs yet; use exact"),
+        ]
+        for call, message in cases:
+            with pytest.raises(ValueError, match=message):
+                call()
+        with torch.inference_mode():
+            ref = ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        assert max_rel_err(pool.decode(vae, z), ref) <= 1e-4
