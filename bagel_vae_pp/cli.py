@@ -2,8 +2,9 @@
 `python -m bagel_vae_pp bagel ...`: BAGEL without ComfyUI (bagel/cli.py).
 
 With no `--vae` the model is a seeded random-weight autoencoder of the full `--vae-arch` architecture (FLUX, or
-a Wan 2.1 / 2.2 video VAE on a `--frames` video), so the bench runs anywhere. Errors are max |x - ref| (abs) and that
-divided by max |ref| (rel), against the single-process fp32 full-image result on the same input.
+a Wan 2.1 / 2.2 or HunyuanVideo video VAE on a `--frames` video), so the bench runs anywhere. Errors are
+max |x - ref| (abs) and that divided by max |ref| (rel), against the single-process fp32 full-image result on
+the same input.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from .autoencoder import random_autoencoder
 from .bagel.cli import add_bagel_parser, run_bagel
+from .hunyuan_video import random_hunyuan_video
 from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
 from .vae_kinds import is_video, vae_from_state_dict
 from .wan import random_wan
@@ -29,6 +31,7 @@ RANDOM_VAES = {
     "flux": lambda: random_autoencoder("flux"),
     "wan2.1": lambda: random_wan("wan2.1"),
     "wan2.2": lambda: random_wan22("wan2.2"),
+    "hunyuan-video": lambda: random_hunyuan_video("hunyuan-video"),
 }
 
 

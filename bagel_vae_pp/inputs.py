@@ -78,12 +78,13 @@ def check_latent(latent: Tensor, params: AutoEncoderParams) -> Tensor:
 
 
 def check_video_latent(latent: Tensor, params) -> Tensor:
-    """A ComfyUI video LATENT 'samples' tensor for a video VAE (WanParams), as contiguous float32 [B, z, T, h, w]."""
+    """A ComfyUI video LATENT 'samples' tensor for a video VAE (Wan, HunyuanVideo), as contiguous float32
+    [B, z, T, h, w]."""
     if not params.has_decoder:
         raise ValueError("vae: this VAE has no decoder weights; load a full VAE to decode.")
     if getattr(latent, "is_nested", False) or latent.ndim != 5:
         raise ValueError(
-            f"samples: this video VAE (Wan) decodes a video latent [B, C, T, H, W], got shape "
+            f"samples: this video VAE decodes a video latent [B, C, T, H, W], got shape "
             f"{tuple(latent.shape)}; an image latent needs the image VAE of the model that made it."
         )
     if latent.shape[2] == 0:

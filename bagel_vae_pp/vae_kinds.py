@@ -9,20 +9,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import autoencoder, wan, wan22
+from . import autoencoder, hunyuan_video, wan, wan22
 
 # kind -> (config read off the weights, model class)
 KINDS = {
     "ldm": (autoencoder.detect_params, autoencoder.AutoEncoder),
     "wan2.1": (wan.detect_params, wan.WanVAE),
     "wan2.2": (wan22.detect_params, wan22.WanVAE22),
+    "hunyuan-video": (hunyuan_video.detect_params, hunyuan_video.HunyuanVideoVAE),
 }
 # Video VAEs ComfyUI loads, by a key only they carry.
 NOT_YET = {
     "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": "an LTX-Video VAE",
-    "decoder.conv_in.conv.weight": "a HunyuanVideo VAE",
-    "encoder.conv_in.conv.weight": "a HunyuanVideo VAE",
 }
+# HunyuanVideo's VAE, by its 3-D conv_in; one with 32 latent channels is HunyuanVideo 1.5's, another model.
+HUNYUAN_KEYS = ("decoder.conv_in.conv.weight", "encoder.conv_in.conv.weight")
+HUNYUAN15_CHANNELS = {"decoder.conv_in.conv.weight": (1, 32), "encoder.conv_out.conv.weight": (0, 64)}
 WAN_KEYS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
 # Among Wan VAEs, what only Wan 2.2's nested level blocks have (the first is comfy/sd.py's own test).
 WAN22_KEYS = (
@@ -32,28 +34,38 @@ WAN22_KEYS = (
 
 
 def detect_kind(sd: dict[str, Tensor]) -> str:
-    """'ldm', 'wan2.1' or 'wan2.2' for a state dict with prefixes stripped; a ValueError for the video VAEs not
-    run yet."""
+    """'ldm', 'wan2.1', 'wan2.2' or 'hunyuan-video' for a state dict with prefixes stripped; a ValueError for the
+    video VAEs not run yet."""
     for key, what in NOT_YET.items():
         if key in sd:
             raise ValueError(
                 f"vae: this is {what} (it has '{key}'); Distributed VAE Decode/Encode runs LDM/FLUX image VAEs and "
-                "the Wan 2.1 and 2.2 VAEs so far. Use core VAE Decode / VAE Encode for it."
+                "the Wan 2.1 and 2.2 and HunyuanVideo VAEs so far. Use core VAE Decode / VAE Encode for it."
             )
+    if any(k in sd for k in HUNYUAN_KEYS):
+        for key, (dim, channels) in HUNYUAN15_CHANNELS.items():
+            if key in sd and sd[key].shape[dim] == channels:
+                raise ValueError(
+                    f"vae: this is a HunyuanVideo 1.5 VAE ('{key}' has {channels} channels), a different model from "
+                    "HunyuanVideo's; Distributed VAE Decode/Encode does not run it yet. Use core VAE Decode / VAE "
+                    "Encode for it."
+                )
+        return "hunyuan-video"
     if not any(k in sd for k in WAN_KEYS):
         return "ldm"
     return "wan2.2" if any(k in sd for k in WAN22_KEYS) else "wan2.1"
 
 
 def detect_params(sd: dict[str, Tensor]):
-    """The configuration of whichever supported VAE `sd` holds (AutoEncoderParams or WanParams)."""
+    """The configuration of whichever supported VAE `sd` holds (AutoEncoderParams, WanParams or
+    HunyuanVideoParams)."""
     return KINDS[detect_kind(sd)][0](sd)
 
 
 def vae_from_state_dict(
     sd: dict[str, Tensor], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """Build the model the weights describe (AutoEncoder or WanVAE) and load them strictly.
+    """Build the model the weights describe (AutoEncoder, WanVAE(22) or HunyuanVideoVAE) and load them strictly.
 
     Args:
         sd: a state dict as ComfyUI's VAE Loader holds it, optionally under `first_stage_model.` / `vae.`.
@@ -66,7 +78,7 @@ def vae_from_state_dict(
 
 
 def is_video(params) -> bool:
-    return isinstance(params, wan.WanParams)
+    return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams))
 
 
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:

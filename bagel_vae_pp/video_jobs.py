@@ -1,18 +1,20 @@
-"""One rank's share of a video VAE job (Wan 2.1 / 2.2): its rows of every frame, chunk by chunk, written straight into
-the host's output as each chunk finishes.
+"""One rank's share of a video VAE job: its rows of every frame, written straight into the host's output (Wan 2.1 /
+2.2 chunk by chunk as each finishes; HunyuanVideo in one forward over all frames, as ComfyUI runs it).
 
 Layouts are ComfyUI's: a video LATENT is [B, z, T, h, w] float32 in raw VAE space; frames are an IMAGE
 [frames, H, W, 3] in [0, 1] (decode gives B videos' frames one after the other, as core VAE Decode does; encode
-takes one video). Exact mode only: `sharded`-style bands through `wan_sharded`. Ranks agree on the cancel flag
-before each chunk (there is no GroupNorm to carry it).
+takes one video). Exact mode only: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded`. Wan's ranks
+agree on the cancel flag before each chunk (there is no GroupNorm to carry it); HunyuanVideo's GroupNorms carry it.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from . import hunyuan_sharded
 from .bands import plan_bands
 from .collectives import agree_cancel
+from .hunyuan_video import HunyuanVideoVAE
 from .jobs import Rank, band_shard, progress_counter
 from .wan import WanVAE, time_chunks
 from .wan_sharded import decode_chunk, encode_chunk
@@ -60,7 +62,35 @@ def exact_encode(vae: WanVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
         shard.on_layer()
 
 
-def run_job(vae: WanVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
+def hunyuan_decode(vae: HunyuanVideoVAE, latent: Tensor, out: Tensor, r: Rank) -> None:
+    B, _, _, h, _ = latent.shape
+    s = vae.params.downscale
+    bands = plan_bands(h, r.world)
+    shard = band_shard(r, bands, 1, progress_counter(r, B * hunyuan_sharded.count_layers(vae, "decode")))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    video = out.view(B, -1, *out.shape[1:])  # [B, frames, H, W, 3]
+    for i in range(B):
+        z = latent[i : i + 1, :, :, a:b].to(r.device, r.dtype)  # [1, z, T, rows, w]
+        video[i, :, a * s : b * s].copy_(to_frames(hunyuan_sharded.decode_band(vae, z, shard)[0]))
+
+
+def hunyuan_encode(vae: HunyuanVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
+    s = vae.params.downscale
+    bands = plan_bands(pixels.shape[1], r.world, unit=s)
+    shard = band_shard(r, bands, s, progress_counter(r, hunyuan_sharded.count_layers(vae, "encode")))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    x = pixels[:, a:b].to(r.device).permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # [1, 3, frames, rows, W]
+    out[0, :, :, a // s : b // s].copy_(hunyuan_sharded.encode_band(vae, x.to(r.dtype), shard)[0])
+
+
+def run_job(vae: WanVAE | HunyuanVideoVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
     if job["mode"] != "exact":  # the host refuses it first; a worker never guesses
         raise ValueError(f"mode '{job['mode']}' is not available for video VAEs; use exact.")
-    (exact_decode if job["op"] == "decode" else exact_encode)(vae, inp, out, r)
+    if isinstance(vae, HunyuanVideoVAE):
+        (hunyuan_decode if job["op"] == "decode" else hunyuan_encode)(vae, inp, out, r)
+    else:
+        (exact_decode if job["op"] == "decode" else exact_encode)(vae, inp, out, r)

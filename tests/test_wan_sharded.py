@@ -116,7 +116,7 @@ class TestPool:
         bad = z.clone()
         bad[0, 1, 1, 1, 1] = float("nan")
         cases = [
-            (lambda: pool.decode(vae, z[:, :, 0]), r"video VAE \(Wan\) decodes a video latent \[B, C, T, H, W\]"),
+            (lambda: pool.decode(vae, z[:, :, 0]), r"video VAE decodes a video latent \[B, C, T, H, W\]"),
             (lambda: pool.decode(tiny_vae, torch.randn(1, 16, 2, 3, 2)), "image VAE decodes an image latent"),
             (lambda: pool.decode(vae, z[:, :3]), "the latent has 3 channels but this VAE takes 4"),
             (lambda: pool.decode(vae, bad), "contains 1 NaN/Inf"),

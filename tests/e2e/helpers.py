@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,23 @@ def run_ok(server, prompt):
     run = server.run_prompt(prompt)
     assert run.http_status == 200 and run.status_str == "success", run.describe()
     return run
+
+
+def comfy_run(script: str, tmp_path: Path, mode: str, sd: dict, z, x, config: dict | None = None) -> dict:
+    """Run tests/e2e/`script` under ComfyUI's Python (cwd: COMFYUI_PATH) on a state dict and inputs; its outputs."""
+    from safetensors.torch import load_file, save_file
+
+    inp, out = tmp_path / f"{mode}_in.safetensors", tmp_path / f"{mode}_out.safetensors"
+    save_file({**{f"sd.{k}": v.contiguous() for k, v in sd.items()}, "z": z, "x": x}, str(inp))
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    done = subprocess.run(
+        [python, str(Path(__file__).with_name(script)), mode, str(inp), str(out), json.dumps(config or {})],
+        cwd=os.environ["COMFYUI_PATH"], capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return load_file(str(out))
+
+
+def max_rel_err(out, ref) -> float:
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    return ((out - ref).abs().max() / ref.abs().max()).item()

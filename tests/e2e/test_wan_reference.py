@@ -8,42 +8,21 @@ encode as the core nodes call them, against our module plus ComfyUI's pixel mapp
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import comfy_run, max_rel_err
 
 from bagel_vae_pp.vae_kinds import vae_from_state_dict
 from bagel_vae_pp.wan import random_wan
 from bagel_vae_pp.wan22 import random_wan22
 
-SCRIPT = Path(__file__).with_name("comfy_wan_ref.py")
+SCRIPT = "comfy_wan_ref.py"
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set: no ComfyUI to compare"),
     pytest.mark.timeout(600),
 ]
-
-
-def comfy_run(tmp_path: Path, mode: str, sd: dict, z: torch.Tensor, x: torch.Tensor, config: dict | None = None):
-    inp, out = tmp_path / f"{mode}_in.safetensors", tmp_path / f"{mode}_out.safetensors"
-    save_file({**{f"sd.{k}": v.contiguous() for k, v in sd.items()}, "z": z, "x": x}, str(inp))
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    done = subprocess.run(
-        [python, str(SCRIPT), mode, str(inp), str(out), json.dumps(config or {})],
-        cwd=os.environ["COMFYUI_PATH"], capture_output=True, text=True, timeout=540,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return load_file(str(out))
-
-
-def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
@@ -59,7 +38,7 @@ def test_tiny_model_decodes_and_encodes_as_comfyui(tmp_path, version):
     x = (
         torch.rand(1, 3, 11, 7 * s, 5 * s, generator=gen) * 2 - 1
     )  # 11 frames: two chunks of 4 after the first, 2 dropped
-    ref = comfy_run(tmp_path, "model", ours.state_dict(), z, x, config)
+    ref = comfy_run(SCRIPT, tmp_path, "model", ours.state_dict(), z, x, config)
     with torch.inference_mode():
         decoded, encoded = ours.decode(z), ours.encode(x)
     assert decoded.shape == (1, 3, 9, 7 * s, 4 * s)
@@ -75,7 +54,7 @@ def test_full_size_vae_through_core_decode_and_encode(tmp_path, version):
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(1, z_channels, 2, 5, 3, generator=gen)  # 5 frames of 5 x 3 latent pixels
     frames = torch.rand(9, 5 * s + 3, 3 * s + 2, 3, generator=gen)  # an IMAGE batch: 9 frames, centre-cropped by core
-    ref = comfy_run(tmp_path, "core", sd, z, frames)
+    ref = comfy_run(SCRIPT, tmp_path, "core", sd, z, frames)
     ours = vae_from_state_dict(sd)  # the very keys comfy.sd.VAE was given
     with torch.inference_mode():
         decoded = ((ours.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)  # [B, T, H, W, 3] as VAE.decode
