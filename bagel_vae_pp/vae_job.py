@@ -13,7 +13,7 @@ from torch import nn
 from . import shm
 from .autoencoder import strip_prefixes
 from .inputs import check_latent, check_tiles, check_video_latent, non_finite_error, prepare_pixels
-from .vae_kinds import detect_params, is_video
+from .vae_kinds import detect_params, frames_per_forward, is_video
 
 LOAD_TIMEOUT_S = 180.0
 # Allowance per output megapixel per worker on top of timeout_s; CPU float32 is ~100x slower.
@@ -84,6 +84,9 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
             raise non_finite_error(name, data)
         if make_room is not None:
             image_px = out_shape[1] * out_shape[2] if op == "decode" else data.shape[1] * data.shape[2]
+            if video:  # decode: B videos of out_shape[0] / B frames; encode: the frames of one video
+                frames = out_shape[0] // data.shape[0] if op == "decode" else data.shape[0]
+                image_px *= frames_per_forward(params, frames)
             make_room(pool.spec.devices, peak_bytes_per_worker(pool.spec, op, image_px, mode, tile_px, video))
         out_path, out = staging.outputs.acquire(out_shape)
         job = {

@@ -81,6 +81,12 @@ def is_video(params) -> bool:
     return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams))
 
 
+def frames_per_forward(params, frames: int) -> int:
+    """How many of a video's `frames` one forward holds at once: a Wan VAE runs chunk by chunk (its per-frame memory
+    figure covers a chunk and its caches), the HunyuanVideo VAE runs the whole video in one forward, as ComfyUI's."""
+    return frames if isinstance(params, hunyuan_video.HunyuanVideoParams) else 1
+
+
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
     """The image autoencoder in the worker's layout (channels_last on GPUs); video models stay contiguous (their
     3-D conv weights have no channels_last)."""

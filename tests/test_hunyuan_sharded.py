@@ -92,6 +92,18 @@ class TestPool:
         assert max_rel_err(decoded, ref) <= 1e-4
         assert max_rel_err(encoded, ref_encoded) <= 1e-4
 
+    def test_room_asked_for_grows_with_the_frames_it_holds_at_once(self, cpu_pool):
+        """HunyuanVideo runs a whole video in one forward (Wan one chunk): the room make_room hears scales with a
+        video's frames, not with how many videos a job decodes."""
+        vae, pool, asked = random_hunyuan_video("tiny", seed=SEED), cpu_pool(2), []
+        for t in (2, 3):
+            z = torch.randn(1, 4, t, 5, 3, generator=torch.Generator().manual_seed(t))
+            for batch in (z, torch.cat([z, z])):
+                pool.decode(vae, batch, make_room=lambda devices, n: asked.append(n))
+        base = asked[0] - (1 << 30)  # less the fixed allowance per worker
+        assert asked[0] == asked[1] and asked[2] == asked[3]
+        assert asked[2] - (1 << 30) == base * 9 // 5  # 5 frames (2 latent) -> 9 frames (3 latent)
+
     def test_bad_inputs_get_one_clear_error_each_and_harm_no_worker(self, cpu_pool):
         vae, pool = random_hunyuan_video("tiny", seed=SEED), cpu_pool(2)
         z, _ = inputs(3, 2)
