@@ -1,7 +1,7 @@
 """End-to-end: the saved Wan video workflow (`workflows/api/wan_video_distributed_decode.json`) in a real ComfyUI.
 
 Empty HunyuanLatentVideo → Distributed VAE Decode (2 CPU workers) → Create Video → Save Video, with the full-size
-random Wan 2.1 VAE (ComfyUI's VAE Loader builds only that size; see test_wan_server.py), shrunk to 64x48 and 9
+random Wan 2.1 VAE (ComfyUI's VAE Loader builds only that size; see test_video_server.py), shrunk to 64x48 and 9
 frames. The MP4 is read back with PyAV in ComfyUI's Python (`COMFYUI_PYTHON`: the pack's tests do not need PyAV).
 """
 
@@ -41,7 +41,7 @@ np.save(sys.argv[2], np.stack(frames))
 @pytest.fixture(scope="module")
 def server(e2e_models, request):
     path = e2e_models["vae"] / WAN_VAE_NAME
-    if not path.exists():  # the same file test_wan_server.py writes, when that module ran first
+    if not path.exists():  # the same file test_video_server.py writes, when that module ran first
         sd = random_wan("wan2.1", seed=7).state_dict()
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(path))
     return request.getfixturevalue("comfy_server")
