@@ -21,14 +21,15 @@ pytestmark = [
     pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set: no ComfyUI to compare"),
     pytest.mark.timeout(600),
 ]
-SCRIPT = "comfy_hunyuan_ref.py"
+SCRIPT = "comfy_video_ref.py"
 
 
 @pytest.mark.parametrize("frames", [9, 7])
 def test_tiny_model_decodes_and_encodes_as_comfyui(tmp_path, frames):
     ours = random_hunyuan_video("tiny", seed=3)
     p, s = ours.params, ours.params.downscale
-    config = {"ch": p.ch, "ch_mult": list(p.ch_mult), "num_res_blocks": p.num_res_blocks, "z_channels": p.z_channels}
+    config = {"kind": "hunyuan-video", "ch": p.ch, "ch_mult": list(p.ch_mult), "num_res_blocks": p.num_res_blocks,
+              "z_channels": p.z_channels}  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, p.z_channels, 3, 7, 4, generator=gen) * 2 + 0.5  # 9 frames, 7 latent rows
     x = torch.rand(1, 3, frames, 7 * s, 5 * s, generator=gen) * 2 - 1

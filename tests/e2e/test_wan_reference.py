@@ -18,7 +18,7 @@ from bagel_vae_pp.vae_kinds import vae_from_state_dict
 from bagel_vae_pp.wan import random_wan
 from bagel_vae_pp.wan22 import random_wan22
 
-SCRIPT = "comfy_wan_ref.py"
+SCRIPT = "comfy_video_ref.py"
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set: no ComfyUI to compare"),
     pytest.mark.timeout(600),
@@ -29,7 +29,7 @@ pytestmark = [
 def test_tiny_model_decodes_and_encodes_as_comfyui(tmp_path, version):
     ours = random_wan("tiny", seed=3) if version == "2.1" else random_wan22("tiny", seed=3)
     p, s = ours.params, ours.params.downscale
-    config = {"version": version, "dim": p.dim, "z_dim": p.z_channels, "dim_mult": list(p.dim_mult),
+    config = {"kind": f"wan{version}", "dim": p.dim, "z_dim": p.z_channels, "dim_mult": list(p.dim_mult),
               "num_res_blocks": p.num_res_blocks, "temperal_downsample": list(p.temporal_down)}  # fmt: skip
     if version == "2.2":
         config["dec_dim"] = p.decoder_dim
