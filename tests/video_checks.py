@@ -1,0 +1,36 @@
+"""Checks shared by the video VAE pool tests (Wan, HunyuanVideo): the module's frames as a node returns them, and
+the bad inputs every video VAE must refuse in one line without harming a worker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def max_rel_err(out, ref) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def module_frames(vae, z: torch.Tensor) -> torch.Tensor:
+    """The single-process module's decode of video latents z [B, C, T, h, w] as IMAGE frames [B*frames, H, W, 3]."""
+    with torch.inference_mode():
+        return ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
+
+
+def assert_bad_inputs_refused_then_decodes(pool, vae, z: torch.Tensor, more_cases=()) -> None:
+    """A 4-D latent, too few channels, a NaN and tiled mode each get one ValueError naming the problem; then the same
+    pool decodes z as the module does (within 1e-4)."""
+    bad = z.clone()
+    bad[0, 1, 1, 1, 1] = float("nan")
+    cases = [
+        (lambda: pool.decode(vae, z[:, :, 0]), r"video VAE decodes a video latent \[B, C, T, H, W\]"),
+        *more_cases,
+        (lambda: pool.decode(vae, z[:, :3]), "the latent has 3 channels but this VAE takes 4"),
+        (lambda: pool.decode(vae, bad), "contains 1 NaN/Inf"),
+        (lambda: pool.decode(vae, z, mode="tiled"), "not available for video VAEs yet; use exact"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert max_rel_err(pool.decode(vae, z), module_frames(vae, z)) <= 1e-4
