@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import autoencoder, hunyuan_video, wan, wan22
+from .video_layout import NDHWC
 
 # kind -> (config read off the weights, model class)
 KINDS = {
@@ -88,6 +89,13 @@ def frames_per_forward(params, frames: int) -> int:
 
 
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
-    """The image autoencoder in the worker's layout (channels_last on GPUs); video models stay contiguous (their
-    3-D conv weights have no channels_last)."""
-    return model if is_video(model.params) else model.to(memory_format=memory_format)
+    """The model in the worker's layout: channels_last on GPUs, which for a Wan VAE means its 3-D conv weights
+    channels_last_3d (its activations run NDHWC: video_layout.py) and its 2-D ones channels_last. The HunyuanVideo
+    VAE stays contiguous (its GroupNorm statistics kernels read NCDHW)."""
+    if not is_video(model.params):
+        return model.to(memory_format=memory_format)
+    if memory_format == torch.channels_last and isinstance(model.params, wan.WanParams):
+        for p in model.parameters():
+            if p.dim() in (4, 5):
+                p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else NDHWC)
+    return model

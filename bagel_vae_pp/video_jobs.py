@@ -3,12 +3,14 @@
 
 Layouts are ComfyUI's: a video LATENT is [B, z, T, h, w] float32 in raw VAE space; frames are an IMAGE
 [frames, H, W, 3] in [0, 1] (decode gives B videos' frames one after the other, as core VAE Decode does; encode
-takes one video). Exact mode only: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded`. Wan's ranks
-agree on the cancel flag before each chunk (there is no GroupNorm to carry it); HunyuanVideo's GroupNorms carry it.
+takes one video). Wan's activations run NDHWC where the worker's layout is channels_last (GPUs; video_layout.py).
+Exact mode only: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded`. Wan's ranks agree on the cancel
+flag before each chunk (there is no GroupNorm to carry it); HunyuanVideo's GroupNorms carry it.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import hunyuan_sharded
@@ -16,6 +18,7 @@ from .bands import plan_bands
 from .collectives import agree_cancel
 from .hunyuan_video import HunyuanVideoVAE
 from .jobs import Rank, band_shard, progress_counter
+from .video_layout import to_layout
 from .wan import WanVAE, time_chunks
 from .wan_sharded import decode_chunk, encode_chunk
 
@@ -34,11 +37,12 @@ def exact_decode(vae: WanVAE, latent: Tensor, out: Tensor, r: Rank) -> None:
         return
     a, b = bands[r.rank]
     video = out.view(B, -1, *out.shape[1:])  # [B, frames, H, W, 3]
+    ndhwc = r.memory_format == torch.channels_last
     for i in range(B):
         cache, done = {}, 0
         for t in range(T):
             agree_cancel(shard, r.device)
-            z = latent[i : i + 1, :, t : t + 1, a:b].to(r.device, r.dtype)  # [1, z, 1, rows, w]
+            z = to_layout(latent[i : i + 1, :, t : t + 1, a:b].to(r.device, r.dtype), ndhwc)  # [1, z, 1, rows, w]
             y = to_frames(decode_chunk(vae, z, cache, shard)[0])  # [n, 8*rows, 8*w, 3]
             video[i, done : done + y.shape[0], a * s : b * s].copy_(y)
             done += y.shape[0]
@@ -58,7 +62,8 @@ def exact_encode(vae: WanVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
     for t, (f0, f1) in enumerate(chunks):
         agree_cancel(shard, r.device)
         x = pixels[f0:f1, a:b].to(r.device).permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # [1, 3, n, rows, W]
-        out[0, :, t : t + 1, a // s : b // s].copy_(encode_chunk(vae, x.to(r.dtype), cache, shard)[0])
+        x = to_layout(x.to(r.dtype), r.memory_format == torch.channels_last)
+        out[0, :, t : t + 1, a // s : b // s].copy_(encode_chunk(vae, x, cache, shard)[0])
         shard.on_layer()
 
 

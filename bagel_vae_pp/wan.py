@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .autoencoder import describe_keys, from_tokens, linear_1x1, to_tokens
+from .video_layout import cat_frames, empty_as, interleave_halves, keep_layout
 
 Cache = dict  # temporal conv -> the input frames its next chunk's windows reach back to (None: zeros)
 
@@ -66,29 +68,32 @@ def conv3d(c_in: int, c_out: int) -> nn.Conv3d:
     return nn.Conv3d(c_in, c_out, 3, padding=(0, 1, 1))  # time is padded causally by causal_conv
 
 
-def zero_row(row: Tensor | None, x: Tensor) -> Tensor:
-    return row if row is not None else x.new_zeros(*x.shape[:-2], 1, x.shape[-1])
-
-
 def causal_conv(conv: nn.Conv3d, x: Tensor, cache: Cache, halo=None) -> Tensor:
     """The conv with a causal window in time: [B, C, T, H, W] -> [B, Co, T, H, W]. The frames before this chunk
     come from `cache` (zeros before the first chunk), which then keeps this chunk's last k-1 input frames.
 
     halo: for a row band, (row above, row below) [B, C, T, 1, W] (None at the image edge): the rows are padded
     with them instead of zeros, and the cache keeps them with the band, so no cached frame travels again.
+    The past frames, the band and its halo rows are laid out in one buffer (one copy of x, in x's layout).
     """
     kt, kh, kw = conv.kernel_size
-    pad_h = kh // 2
-    if halo is not None and pad_h:
-        x = torch.cat([zero_row(halo[0], x), x, zero_row(halo[1], x)], dim=3)
-        pad_h = 0
-    if kt > 1:
-        past = cache.get(conv)
-        if past is None:
-            past = x.new_zeros(*x.shape[:2], kt - 1, *x.shape[3:])
-        x = torch.cat([past, x], dim=2)
-        cache[conv] = x[:, :, -(kt - 1) :].clone()
-    return F.conv3d(x, conv.weight, conv.bias, padding=(0, pad_h, kw // 2))
+    past, rows = kt - 1, kh // 2 if halo is not None else 0
+    if past or rows:
+        B, C, T, H, W = x.shape
+        buf = empty_as(x, (B, C, past + T, H + 2 * rows, W))
+        buf[:, :, past:, rows : rows + H] = x
+        if rows:
+            fill(buf[:, :, past:, :1], halo[0])
+            fill(buf[:, :, past:, -1:], halo[1])
+        if past:
+            fill(buf[:, :, :past], cache.get(conv))
+            cache[conv] = buf[:, :, -past:].clone()
+        x = buf
+    return keep_layout(F.conv3d(x, conv.weight, conv.bias, padding=(0, kh // 2 - rows, kw // 2)), x)
+
+
+def fill(dst: Tensor, src: Tensor | None) -> None:
+    dst.copy_(src) if src is not None else dst.zero_()
 
 
 def upsample_time(conv: nn.Conv3d, x: Tensor, cache: Cache) -> Tensor:
@@ -98,9 +103,7 @@ def upsample_time(conv: nn.Conv3d, x: Tensor, cache: Cache) -> Tensor:
     if conv not in cache:
         cache[conv] = None
         return x
-    B, C, T, H, W = x.shape
-    y = causal_conv(conv, x, cache)  # [B, 2C, T, H, W]
-    return y.view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+    return interleave_halves(causal_conv(conv, x, cache))  # [B, 2C, T, H, W] -> [B, C, 2T, H, W]
 
 
 def downsample_time(conv: nn.Conv3d, x: Tensor, cache: Cache) -> Tensor:
@@ -110,7 +113,7 @@ def downsample_time(conv: nn.Conv3d, x: Tensor, cache: Cache) -> Tensor:
     cache[conv] = x[:, :, -1:].clone()
     if past is None:
         return x
-    return F.conv3d(torch.cat([past, x], dim=2), conv.weight, conv.bias, stride=(2, 1, 1))
+    return keep_layout(F.conv3d(cat_frames(past, x), conv.weight, conv.bias, stride=(2, 1, 1)), x)
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -142,14 +145,15 @@ def unframes(f: Tensor, T: int) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x / |x| over channels at each position, times sqrt(C) * gamma: nothing crosses rows or frames."""
+    """x / |x| over channels at each position, times sqrt(C) * gamma: nothing crosses rows or frames. With `silu`,
+    the SiLU that follows it in every residual block and head, in the same pass (kernels/channel_rms_norm.py)."""
 
     def __init__(self, dim: int, spatial_dims: int):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))  # [C, 1, 1(, 1)]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.gamma.shape[0] ** 0.5 * self.gamma
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        return kernels.channel_rms_norm(x, self.gamma, silu)
 
 
 class ResidualBlock(nn.Module):
@@ -168,8 +172,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: Cache) -> Tensor:
         r = self.residual
-        h = causal_conv(r[2], F.silu(r[0](x)), cache)
-        h = causal_conv(r[6], F.silu(r[3](h)), cache)
+        h = causal_conv(r[2], r[0](x, silu=True), cache)
+        h = causal_conv(r[6], r[3](h, silu=True), cache)
         return h + self.skip(x)
 
 
@@ -210,7 +214,7 @@ class Resample(nn.Module):
             f = F.conv2d(F.interpolate(frames(x), scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
         else:
             f = F.conv2d(F.pad(frames(x), (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
-        x = unframes(f, T)
+        x = keep_layout(unframes(f, T), x)  # CPU convs and pads may drop it
         if not self.up and self.temporal:
             x = downsample_time(self.time_conv, x, cache)
         return x
@@ -243,7 +247,7 @@ class Encoder3d(nn.Module):
         x = causal_conv(self.conv1, x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        return causal_conv(self.head[2], F.silu(self.head[0](x)), cache)  # [B, 2z, T', h, w]: mean, log-variance
+        return causal_conv(self.head[2], self.head[0](x, silu=True), cache)  # [B, 2z, T', h, w]: mean, log-variance
 
 
 class Decoder3d(nn.Module):
@@ -267,7 +271,7 @@ class Decoder3d(nn.Module):
         x = causal_conv(self.conv1, x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
-        return causal_conv(self.head[2], F.silu(self.head[0](x)), cache)  # [B, 3, frames, H, W]
+        return causal_conv(self.head[2], self.head[0](x, silu=True), cache)  # [B, 3, frames, H, W]
 
 
 class WanVAE(nn.Module):
@@ -293,7 +297,7 @@ class WanVAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Video [B, 3, T, H, W] in [-1, 1] -> posterior mean [B, z, 1 + (T-1)//4, H/s, W/s] (s = downscale)."""
-        x, cache = patchify(x, self.params.patch), {}
+        x, cache = keep_layout(patchify(x, self.params.patch), x), {}
         chunks = [self.encoder(x[:, :, a:b], cache) for a, b in time_chunks(x.shape[2], self.params.time_scale)]
         return self.mean(torch.cat(chunks, dim=2))
 

@@ -17,6 +17,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .video_layout import keep_layout
 from .wan import (
     Cache,
     Resample,
@@ -34,19 +35,19 @@ from .wan import (
 def avg_down(x: Tensor, c_out: int, ft: int, fs: int) -> Tensor:
     """[B, C, T, H, W] -> [B, c_out, T/ft, H/fs, W/fs]: fold each ft x fs x fs block into channels (c, dt, dy, dx)
     and average runs of C*ft*fs*fs/c_out of them; a zero frame goes first when T is not a multiple of ft."""
-    x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
-    B, C, T, H, W = x.shape
-    x = x.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)  # [B, C, dt, dy, dx, ...]
-    return x.reshape(B, c_out, -1, T // ft, H // fs, W // fs).mean(2)
+    y = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
+    B, C, T, H, W = y.shape
+    y = y.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)  # [B, C, dt, dy, dx, ...]
+    return keep_layout(y.reshape(B, c_out, -1, T // ft, H // fs, W // fs).mean(2), x)
 
 
 def dup_up(x: Tensor, c_out: int, ft: int, fs: int, first: bool) -> Tensor:
     """[B, C, T, H, W] -> [B, c_out, T*ft, H*fs, W*fs]: each channel repeated, the copies unfolded as (c, dt, dy, dx);
     the first chunk drops its first ft - 1 frames (one latent frame makes one frame)."""
     B, C, T, H, W = x.shape
-    x = x.repeat_interleave(c_out * ft * fs * fs // C, dim=1).view(B, c_out, ft, fs, fs, T, H, W)
-    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, c_out, T * ft, H * fs, W * fs)  # [B, c_out, T, dt, H, dy, W, dx]
-    return x[:, :, ft - 1 :] if first else x
+    y = x.repeat_interleave(c_out * ft * fs * fs // C, dim=1).view(B, c_out, ft, fs, fs, T, H, W)
+    y = y.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, c_out, T * ft, H * fs, W * fs)  # [B, c_out, T, dt, H, dy, W, dx]
+    return keep_layout(y[:, :, ft - 1 :] if first else y, x)
 
 
 class DownBlock(nn.Module):
@@ -112,7 +113,7 @@ class Encoder3d(nn.Module):
         x = causal_conv(self.conv1, x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        return causal_conv(self.head[2], F.silu(self.head[0](x)), cache)  # [B, 2z, T', h, w]
+        return causal_conv(self.head[2], self.head[0](x, silu=True), cache)  # [B, 2z, T', h, w]
 
 
 class Decoder3d(nn.Module):
@@ -132,7 +133,7 @@ class Decoder3d(nn.Module):
         x = causal_conv(self.conv1, x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
-        return causal_conv(self.head[2], F.silu(self.head[0](x)), cache)  # [B, 3*p*p, frames, H, W]
+        return causal_conv(self.head[2], self.head[0](x, silu=True), cache)  # [B, 3*p*p, frames, H, W]
 
 
 class WanVAE22(WanVAE):

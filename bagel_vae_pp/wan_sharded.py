@@ -18,6 +18,7 @@ from torch import Tensor
 from .autoencoder import from_tokens, linear_1x1, to_tokens
 from .collectives import Shard, exchange_rows, gather_tokens
 from .sharded import downsample, upsample_conv
+from .video_layout import keep_layout
 from .wan import (
     AttentionBlock,
     Cache,
@@ -43,8 +44,8 @@ def band_conv(conv, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
 
 def resblock(block: ResidualBlock, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
     r = block.residual
-    h = band_conv(r[2], F.silu(r[0](x)), cache, shard)
-    h = band_conv(r[6], F.silu(r[3](h)), cache, shard)
+    h = band_conv(r[2], r[0](x, silu=True), cache, shard)
+    h = band_conv(r[6], r[3](h, silu=True), cache, shard)
     return h + block.skip(x)
 
 
@@ -63,7 +64,7 @@ def resample(res: Resample, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
         x = upsample_time(res.time_conv, x, cache)
     T, conv = x.shape[2], res.resample[1]
     f = upsample_conv(conv, frames(x), shard) if res.up else downsample(conv, frames(x), shard)
-    x = unframes(f, T)
+    x = keep_layout(unframes(f, T), x)  # CPU convs and pads may drop it
     if not res.up and res.temporal:
         x = downsample_time(res.time_conv, x, cache)
     return x
@@ -99,13 +100,13 @@ def decode_chunk(vae: WanVAE, z: Tensor, cache: Cache, shard: Shard) -> Tensor:
     dec = vae.decoder
     x = band_conv(dec.conv1, causal_conv(vae.conv2, z, cache), cache, shard)
     x = run_layers((*dec.middle, *dec.upsamples), x, cache, shard)
-    return unpatchify(band_conv(dec.head[2], F.silu(dec.head[0](x)), cache, shard), vae.params.patch)
+    return unpatchify(band_conv(dec.head[2], dec.head[0](x, silu=True), cache, shard), vae.params.patch)
 
 
 def encode_chunk(vae: WanVAE, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
     """One encode chunk of this rank's rows (frame 0, then 4 frames), [B, 3, n, rows, W] in [-1, 1] -> the
     posterior mean's frames [B, z, 1, rows/s, W/s] (rows: a multiple of s)."""
     enc = vae.encoder
-    x = band_conv(enc.conv1, patchify(x, vae.params.patch), cache, shard)
+    x = band_conv(enc.conv1, keep_layout(patchify(x, vae.params.patch), x), cache, shard)
     x = run_layers((*enc.downsamples, *enc.middle), x, cache, shard)
-    return vae.mean(band_conv(enc.head[2], F.silu(enc.head[0](x)), cache, shard))
+    return vae.mean(band_conv(enc.head[2], enc.head[0](x, silu=True), cache, shard))

@@ -9,11 +9,14 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from ranks import run_ranks
 from video_checks import assert_bad_inputs_refused_then_decodes, max_rel_err, module_frames
 
 from bagel_vae_pp.bands import plan_bands
 from bagel_vae_pp.collectives import Shard
+from bagel_vae_pp.vae_kinds import in_memory_format
+from bagel_vae_pp.video_layout import is_ndhwc, to_layout
 from bagel_vae_pp.wan import random_wan, time_chunks
 from bagel_vae_pp.wan22 import random_wan22
 from bagel_vae_pp.wan_sharded import decode_chunk, encode_chunk
@@ -35,7 +38,18 @@ def inputs(h: int, w: int, s: int = 8):
     return z, video
 
 
-def rank_main(rank, world, store_path, out_path, version, h, w):
+def watch_conv_layouts(seen: list) -> None:
+    """Record, for every 3-D conv this process runs, its input's shape and whether it was NDHWC."""
+    conv3d = F.conv3d
+
+    def watched(x, *args, **kwargs):
+        seen.append((tuple(x.shape), is_ndhwc(x)))
+        return conv3d(x, *args, **kwargs)
+
+    F.conv3d = watched
+
+
+def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
@@ -44,6 +58,11 @@ def rank_main(rank, world, store_path, out_path, version, h, w):
         vae = tiny(version)
         s = vae.params.downscale
         z, video = inputs(h, w, s)
+        layouts = []
+        if ndhwc:  # as a GPU worker runs it: weights and activations channels-last from the first conv to the last
+            vae = in_memory_format(vae, torch.channels_last)
+            z, video = to_layout(z, True), to_layout(video, True)
+            watch_conv_layouts(layouts)
         bands = plan_bands(h, world)
         shard = Shard(rank, world, dist.group.WORLD, bands)
         a, b = bands[rank]
@@ -57,19 +76,32 @@ def rank_main(rank, world, store_path, out_path, version, h, w):
             encoded = torch.cat(
                 [encode_chunk(vae, video[:, :, f0:f1, s * a : s * b], cache, shard) for f0, f1 in chunks], 2
             )
-        torch.save({"decoded": decoded, "encoded": encoded}, out_path)
+        torch.save({"decoded": decoded, "encoded": encoded, "layouts": layouts}, out_path)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
-    "version, world, h, w", [("2.1", 2, 7, 4), ("2.1", 3, 7, 3), ("2.1", 3, 4, 5), ("2.2", 2, 5, 3), ("2.2", 3, 4, 3)]
+    "version, world, h, w, ndhwc",
+    [
+        ("2.1", 2, 7, 4, False),
+        ("2.1", 3, 7, 3, False),
+        ("2.1", 3, 4, 5, False),
+        ("2.2", 2, 5, 3, False),
+        ("2.2", 3, 4, 3, False),
+        ("2.1", 3, 7, 3, True),
+        ("2.2", 2, 5, 3, True),
+    ],
 )
-def test_bands_decode_and_encode_as_the_whole_video(tmp_path, version, world, h, w):
-    """7 (2.2: 5) latent rows over 2 or 3 ranks (no even split); 4 over 3 gives a band of one latent row."""
+def test_bands_decode_and_encode_as_the_whole_video(tmp_path, version, world, h, w, ndhwc):
+    """7 (2.2: 5) latent rows over 2 or 3 ranks (no even split); 4 over 3 gives a band of one latent row. NDHWC:
+    the layout GPU workers use, against the NCDHW single-process module; no conv may see another layout."""
     store, outs = str(tmp_path / "store"), [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    run_ranks(rank_main, lambda r: (r, world, store, outs[r], version, h, w), world, TIMEOUT_S)
+    run_ranks(rank_main, lambda r: (r, world, store, outs[r], version, h, w, ndhwc), world, TIMEOUT_S)
     parts = [torch.load(p) for p in outs]
+    if ndhwc:
+        for p in parts:
+            assert len(p["layouts"]) > 20 and [s for s, ok in p["layouts"] if not ok] == []
     vae = tiny(version)
     s = vae.params.downscale
     z, video = inputs(h, w, s)

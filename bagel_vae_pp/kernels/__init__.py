@@ -1,5 +1,5 @@
 """Triton kernels for the GPU hot path: mid-block attention (D = 512; flash, GEMM and split forms) and GroupNorm
-statistics / apply.
+statistics / apply, Wan's RMS norm.
 
 Each public function falls back to the plain torch computation when Triton is missing or the tensors
 sit on the CPU (unless TRITON_INTERPRET=1, which runs the kernels on CPU tensors for the tests).
@@ -52,6 +52,7 @@ def takes_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 from .attention import attention  # noqa: E402
+from .channel_rms_norm import channel_rms_norm  # noqa: E402
 from .gemm_attention import gemm_attention  # noqa: E402
 from .group_norm import group_norm_apply, group_stats, with_conv_bias  # noqa: E402
 from .phases import interleave_phases  # noqa: E402
@@ -60,6 +61,7 @@ from .split_attention import split_attention  # noqa: E402
 
 __all__ = [
     "attention",
+    "channel_rms_norm",
     "gemm_attention",
     "group_norm_apply",
     "group_stats",
