@@ -5,12 +5,16 @@ state dict loads with `strict=True` and no key map. The configuration is read of
 `detect_params`. Everything here works in ComfyUI's raw VAE space: `encode` returns the posterior mean
 and `decode` takes it back; model-specific scale/shift (FLUX: 0.3611 / 0.1159) is the caller's business.
 
-This is the single-process reference. `sharded.py` walks the same modules band by band.
+The encoder/decoder structure (resnets, mid block, levels, GroupNorm + SiLU) is written once, over a `Layers`
+set: IMAGE's 2-D convs here, HunyuanVideo's 3-D ones in `hunyuan_video.py` (as ComfyUI builds that VAE: this
+structure with 3-D convs). This is the single-process reference. `sharded.py` walks the same modules band by band.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,55 +47,24 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, head dim = channels (512)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        h = to_tokens(self.norm(x))  # [B, H*W, C]
-        q, k, v = (linear_1x1(conv, h) for conv in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, H*W, C]
-        return x + from_tokens(linear_1x1(self.proj_out, h), H, W)
-
-
 def to_tokens(x: Tensor) -> Tensor:
-    """[B, C, H, W] -> contiguous [B, H*W, C]: SDPA's efficient kernels need a unit stride in the last dim."""
+    """[B, C, *S] -> contiguous [B, L, C] (L = H*W, or T*H*W frame-major): SDPA's efficient kernels need a unit
+    stride in the last dim."""
     return x.flatten(2).transpose(1, 2).contiguous()
 
 
-def from_tokens(x: Tensor, H: int, W: int) -> Tensor:
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], H, W)  # [B, C, H, W]
+def from_tokens(x: Tensor, *sizes: int) -> Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *sizes)  # [B, C, H, W] (or [B, C, T, H, W])
 
 
-def linear_1x1(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+def linear_1x1(conv: nn.Conv2d | nn.Conv3d, tokens: Tensor) -> Tensor:
     """A 1x1 conv applied to tokens [B, L, C] as a matmul, keeping the token layout."""
     return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
+def one_head_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(C)) v for one head, q [B, Lq, C], k and v [B, L, C]: one SDPA call."""
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
 
 
 class Downsample(nn.Module):
@@ -112,33 +85,97 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+@dataclass(frozen=True)
+class Layers:
+    """What the LDM structure below is built of: the image VAEs' 2-D layers (IMAGE), or 3-D ones with their own
+    padding, resampling and attention (`hunyuan_video.video_layers`). Only the constructors and `attend` differ;
+    the blocks, their names (the checkpoints' keys) and their forwards are the same."""
+
+    conv: Callable[[int, int], nn.Module]  # (c_in, c_out) -> a 3x3 conv keeping the size
+    shortcut: Callable[[int, int], nn.Module]  # (c_in, c_out) -> the resnet's 1x1 channel change
+    linear: Callable[[int, int], nn.Module]  # (c, c) -> the attention's 1x1 q, k, v and proj_out
+    attend: Callable[[Tensor, Tensor, Tensor], Tensor]  # one head: q [B, Lq, C], k, v [B, L, C] -> [B, Lq, C]
+    downsample: Callable[[int, int], nn.Module]  # (channels, encoder level)
+    upsample: Callable[[int, int], nn.Module]  # (channels, decoder level)
+
+
+IMAGE = Layers(
+    conv=partial(nn.Conv2d, kernel_size=3, padding=1),
+    shortcut=partial(nn.Conv2d, kernel_size=1),
+    linear=partial(nn.Conv2d, kernel_size=1),
+    attend=one_head_attention,
+    downsample=lambda channels, level: Downsample(channels),
+    upsample=lambda channels, level: Upsample(channels),
+)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: Layers = IMAGE):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = layers.conv(in_channels, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = layers.conv(out_channels, out_channels)
+        if in_channels != out_channels:
+            self.nin_shortcut = layers.shortcut(in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W (or T*H*W) positions, head dim = channels (512), no mask."""
+
+    def __init__(self, channels: int, layers: Layers = IMAGE):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = layers.linear(channels, channels)
+        self.k = layers.linear(channels, channels)
+        self.v = layers.linear(channels, channels)
+        self.proj_out = layers.linear(channels, channels)
+        self.attend = layers.attend
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = to_tokens(self.norm(x))  # [B, L, C]
+        q, k, v = (linear_1x1(conv, h) for conv in (self.q, self.k, self.v))
+        return x + from_tokens(linear_1x1(self.proj_out, self.attend(q, k, v)), *x.shape[2:])
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, layers: Layers = IMAGE):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, layers)
+        self.attn_1 = AttnBlock(channels, layers)
+        self.block_2 = ResnetBlock(channels, channels, layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Encoder(nn.Module):
-    def __init__(self, p: AutoEncoderParams):
+    """p: the LDM sizes (AutoEncoderParams, or a video VAE's params with the same fields)."""
+
+    def __init__(self, p, layers: Layers = IMAGE):
         super().__init__()
-        self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
+        self.conv_in = layers.conv(p.in_channels, p.ch)
         widths = [p.ch * m for m in (1, *p.ch_mult)]
         self.down = nn.ModuleList()
         for level in range(len(p.ch_mult)):
             stage = nn.Module()
             c_in, c_out = widths[level], widths[level + 1]
-            stage.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks))
+            stage.block = nn.ModuleList(
+                ResnetBlock(c_in if i == 0 else c_out, c_out, layers) for i in range(p.num_res_blocks)
+            )
             if level != len(p.ch_mult) - 1:
-                stage.downsample = Downsample(c_out)
+                stage.downsample = layers.downsample(c_out, level)
             self.down.append(stage)
-        self.mid = MidBlock(widths[-1])
+        self.mid = MidBlock(widths[-1], layers)
         self.norm_out = group_norm(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], 2 * p.z_channels, 3, padding=1)
+        self.conv_out = layers.conv(widths[-1], 2 * p.z_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -148,15 +185,17 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 2*z, H/8, W/8]: mean, logvar
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 2*z, (T',) H/8, W/8]: mean, logvar
 
 
 class Decoder(nn.Module):
-    def __init__(self, p: AutoEncoderParams):
+    """p: as for Encoder."""
+
+    def __init__(self, p, layers: Layers = IMAGE):
         super().__init__()
         top = p.ch * p.ch_mult[-1]
-        self.conv_in = nn.Conv2d(p.z_channels, top, 3, padding=1)
-        self.mid = MidBlock(top)
+        self.conv_in = layers.conv(p.z_channels, top)
+        self.mid = MidBlock(top, layers)
         # `up[i]` is resolution level i; level len-1 (lowest resolution) runs first, as in the checkpoints.
         self.up = nn.ModuleList()
         c_in = top
@@ -164,14 +203,14 @@ class Decoder(nn.Module):
             stage = nn.Module()
             c_out = p.ch * p.ch_mult[level]
             stage.block = nn.ModuleList(
-                ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks + 1)
+                ResnetBlock(c_in if i == 0 else c_out, c_out, layers) for i in range(p.num_res_blocks + 1)
             )
             if level != 0:
-                stage.upsample = Upsample(c_out)
+                stage.upsample = layers.upsample(c_out, level)
             self.up.insert(0, stage)
             c_in = c_out
         self.norm_out = group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, p.out_ch, 3, padding=1)
+        self.conv_out = layers.conv(c_in, p.out_ch)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -180,7 +219,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 8h, 8w] in [-1, 1]
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, (T',) 8h, 8w] in [-1, 1]
 
 
 class AutoEncoder(nn.Module):
@@ -234,48 +273,55 @@ def describe_keys(keys, limit: int = 6) -> str:
 
 def detect_params(sd: dict[str, Tensor]) -> AutoEncoderParams:
     """Read the configuration off an LDM-layout state dict (prefixes already stripped)."""
-    has_encoder = "encoder.conv_in.weight" in sd
-    has_decoder = "decoder.conv_in.weight" in sd
-    if not (has_encoder or has_decoder):
+    if "encoder.conv_in.weight" not in sd and "decoder.conv_in.weight" not in sd:
         raise ValueError(
             "vae: not an LDM/FLUX autoencoder state dict: no 'encoder.conv_in.weight' or "
             f"'decoder.conv_in.weight' among {len(sd)} keys (found: {describe_keys(sd)}). Supported: FLUX/BAGEL "
             "ae.safetensors, SD1.5/SDXL/SD3 VAE files in LDM layout, ComfyUI VAE objects of those families."
         )
+    has_quant_conv = "quant_conv.weight" in sd or "post_quant_conv.weight" in sd
+    return AutoEncoderParams(**ldm_sizes(sd, "", "autoencoder"), has_quant_conv=has_quant_conv)
+
+
+def ldm_sizes(sd: dict[str, Tensor], conv: str, what: str) -> dict:
+    """The LDM structure's sizes and parts read off its weights: the fields every LDM-built params class has.
+
+    Args:
+        sd: the state dict, prefixes stripped, with an encoder or a decoder (the caller has checked).
+        conv: where a 3x3 conv keeps its weight below the conv's name: "" (`conv_in.weight`) or, for
+            HunyuanVideo's wrapped 3-D convs, ".conv" (`conv_in.conv.weight`).
+        what: the model, for the error messages.
+    """
+    has_encoder, has_decoder = f"encoder.conv_in{conv}.weight" in sd, f"decoder.conv_in{conv}.weight" in sd
     if any(".attn." in k for k in sd if k.startswith(("encoder.down.", "decoder.up."))):
         raise ValueError(
-            "vae: this autoencoder has attention inside its resolution levels; only mid-block "
-            "attention (FLUX/SD family) is supported."
+            f"vae: this {what} has attention inside its resolution levels; only mid-block attention (as in FLUX, "
+            "SD and HunyuanVideo) is supported."
         )
-    side = "encoder" if has_encoder else "decoder"
-    stage = "down" if has_encoder else "up"
+    side, stage = ("encoder", "down") if has_encoder else ("decoder", "up")
     levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith(f"{side}.{stage}.")})
     if not levels or levels != list(range(len(levels))):
-        raise ValueError(f"vae: {side}.{stage}.* levels are missing or not contiguous (found levels {levels}).")
+        raise ValueError(f"vae: {what} {side}.{stage}.* levels are missing or not contiguous (found {levels}).")
     blocks = {int(k.split(".")[4]) for k in sd if k.startswith(f"{side}.{stage}.0.block.")}
-    num_res_blocks = len(blocks) - (0 if has_encoder else 1)
+    widths = [int(sd[f"{side}.{stage}.{i}.block.0.conv1{conv}.weight"].shape[0]) for i in levels]
     if has_encoder:
-        ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
-        widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
-        z_channels = sd["encoder.conv_out.weight"].shape[0] // 2
+        ch, in_channels = sd[f"encoder.conv_in{conv}.weight"].shape[:2]
+        z_channels = sd[f"encoder.conv_out{conv}.weight"].shape[0] // 2
     else:
-        ch = sd["decoder.conv_out.weight"].shape[1]
-        in_channels = sd["decoder.conv_out.weight"].shape[0]
-        widths = [sd[f"decoder.up.{i}.block.0.conv1.weight"].shape[0] for i in levels]
-        z_channels = sd["decoder.conv_in.weight"].shape[1]
-    if has_decoder and sd["decoder.conv_in.weight"].shape[1] != z_channels:
+        ch, in_channels = sd[f"decoder.conv_out{conv}.weight"].shape[1], sd[f"decoder.conv_out{conv}.weight"].shape[0]
+        z_channels = sd[f"decoder.conv_in{conv}.weight"].shape[1]
+    if has_decoder and sd[f"decoder.conv_in{conv}.weight"].shape[1] != z_channels:
         raise ValueError(
             f"vae: encoder gives {z_channels} latent channels but decoder takes "
-            f"{sd['decoder.conv_in.weight'].shape[1]}."
+            f"{sd[f'decoder.conv_in{conv}.weight'].shape[1]}."
         )
-    return AutoEncoderParams(
+    return dict(
         in_channels=int(in_channels),
-        out_ch=int(sd["decoder.conv_out.weight"].shape[0]) if has_decoder else int(in_channels),
+        out_ch=int(sd[f"decoder.conv_out{conv}.weight"].shape[0]) if has_decoder else int(in_channels),
         ch=int(ch),
-        ch_mult=tuple(int(w) // int(ch) for w in widths),
-        num_res_blocks=num_res_blocks,
+        ch_mult=tuple(w // int(ch) for w in widths),
+        num_res_blocks=len(blocks) - (0 if has_encoder else 1),
         z_channels=int(z_channels),
-        has_quant_conv="quant_conv.weight" in sd or "post_quant_conv.weight" in sd,
         has_encoder=has_encoder,
         has_decoder=has_decoder,
     )
@@ -325,19 +371,22 @@ CONFIGS = {
 
 
 def random_autoencoder(name: str = "flux", seed: int = 0) -> AutoEncoder:
-    """A seeded random-weight autoencoder of a named size, with non-trivial GroupNorm affines.
+    """A seeded random-weight autoencoder of a named size."""
+    return randomized(AutoEncoder(CONFIGS[name]), seed)
+
+
+def randomized(model: nn.Module, seed: int) -> nn.Module:
+    """The model (LDM-built: GroupNorms and convs) with seeded random weights, non-trivial GroupNorm affines.
 
     Default init leaves GroupNorm at weight 1 / bias 0 and scales convs so that activations shrink; we
-    perturb norms and keep the signal alive so that a wrong statistic or halo shows in the output.
+    perturb norms and keep the signal alive so that a wrong statistic, padding or halo shows in the output.
     """
     generator = torch.Generator().manual_seed(seed)
-    model = AutoEncoder(CONFIGS[name])
     with torch.no_grad():
-        for name_, p in model.named_parameters():
+        for key, p in model.named_parameters():
             if p.ndim == 1:
-                base = 1.0 if name_.endswith("weight") and "norm" in name_ else 0.0
+                base = 1.0 if key.endswith("weight") and "norm" in key else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=generator))
             else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) * (1.0 / fan_in) ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=generator) * p[0].numel() ** -0.5)
     return model.eval().requires_grad_(False)

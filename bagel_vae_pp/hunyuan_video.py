@@ -1,10 +1,11 @@
 """The HunyuanVideo VAE, as ComfyUI's VAE Loader holds it and `comfy.sd.VAE` runs it.
 
 ComfyUI builds it as the LDM autoencoder of `autoencoder.py` with 3-D convs (its `conv3d=True, time_compress=4`),
-so module names are the LDM ones with each 3x3x3 conv one level deeper (`decoder.conv_in.conv.weight`,
-`decoder.mid.block_1.conv1.conv.weight`, `decoder.up.2.upsample.conv.conv.weight`; the mid-block attention's 1x1x1
-convs are plain: `decoder.mid.attn_1.q.weight`). The configuration is read off the weights; the time compression
-(4) is ComfyUI's constant, not in them.
+and so do we: `autoencoder.Encoder` / `Decoder` built of `video_layers`. Module names are the LDM ones with each
+3x3x3 conv one level deeper (`decoder.conv_in.conv.weight`, `decoder.mid.block_1.conv1.conv.weight`,
+`decoder.up.2.upsample.conv.conv.weight`; the mid-block attention's 1x1x1 convs are plain:
+`decoder.mid.attn_1.q.weight`). The configuration is read off the weights; the time compression (4) is ComfyUI's
+constant, not in them.
 
 What the row split has to honour, all as ComfyUI computes it:
 - every 3x3x3 conv pads by replicating: the edge row and column on each side, and the first frame twice before
@@ -26,12 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoencoder import describe_keys, group_norm
+from .autoencoder import Decoder, Encoder, Layers, describe_keys, ldm_sizes, randomized
 
 TIME_COMPRESS = 4  # ComfyUI's time_compress for this VAE: frames = 1 + 4 (latent frames - 1)
 # Score elements per query chunk in attention: 256 Mi (1 GiB in fp32) should SDPA fall back to its math path.
@@ -111,24 +113,6 @@ def video_conv(conv: nn.Conv3d, x: Tensor, halo: tuple[Tensor | None, Tensor | N
     return F.conv3d(x, conv.weight, conv.bias, stride=conv.stride)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = VideoConv3d(in_channels, out_channels)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = VideoConv3d(out_channels, out_channels)
-        if in_channels != out_channels:
-            self.nin_shortcut = VideoConv3d(in_channels, out_channels, kernel=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
-
-
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(C)) v for one head, q [B, Lq, C], k and v [B, L, C]: queries in chunks whose score
     block stays within SCORE_BUDGET, so the square is never built whatever kernel SDPA picks."""
@@ -138,33 +122,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         chunk = F.scaled_dot_product_attention(q[:, None, i : i + step], k[:, None], v[:, None])  # [B, 1, n, C]
         out[:, i : i + step] = chunk[:, 0]
     return out
-
-
-def to_tokens(x: Tensor) -> Tensor:
-    """[B, C, T, H, W] -> contiguous [B, T*H*W, C], frame-major."""
-    return x.flatten(2).transpose(1, 2).contiguous()
-
-
-def linear_1x1(conv: nn.Conv3d, tokens: Tensor) -> Tensor:
-    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all T*H*W positions, no mask (see the module docstring)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q = nn.Conv3d(channels, channels, 1)
-        self.k = nn.Conv3d(channels, channels, 1)
-        self.v = nn.Conv3d(channels, channels, 1)
-        self.proj_out = nn.Conv3d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, T, H, W = x.shape
-        h = to_tokens(self.norm(x))  # [B, T*H*W, C]
-        h = attend(*(linear_1x1(conv, h) for conv in (self.q, self.k, self.v)))  # [B, T*H*W, C]
-        return x + linear_1x1(self.proj_out, h).transpose(1, 2).reshape(B, C, T, H, W)
 
 
 class Downsample(nn.Module):
@@ -197,74 +154,17 @@ class Upsample(nn.Module):
         return self.conv(upsample_nearest(x, self.temporal))
 
 
-class MidBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, p: HunyuanVideoParams):
-        super().__init__()
-        self.conv_in = VideoConv3d(p.in_channels, p.ch)
-        widths = [p.ch * m for m in (1, *p.ch_mult)]
-        self.down = nn.ModuleList()
-        for level in range(len(p.ch_mult)):
-            stage = nn.Module()
-            c_in, c_out = widths[level], widths[level + 1]
-            stage.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks))
-            if level != len(p.ch_mult) - 1:
-                stage.downsample = Downsample(c_out, p.encoder_halves_time(level))
-            self.down.append(stage)
-        self.mid = MidBlock(widths[-1])
-        self.norm_out = group_norm(widths[-1])
-        self.conv_out = VideoConv3d(widths[-1], 2 * p.z_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
-        for stage in self.down:
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 2z, T', H/8, W/8]: mean, log-variance
-
-
-class Decoder(nn.Module):
-    def __init__(self, p: HunyuanVideoParams):
-        super().__init__()
-        top = p.ch * p.ch_mult[-1]
-        self.conv_in = VideoConv3d(p.z_channels, top)
-        self.mid = MidBlock(top)
-        self.up = nn.ModuleList()  # up[i] is resolution level i; the lowest resolution runs first
-        c_in = top
-        for level in reversed(range(len(p.ch_mult))):
-            stage = nn.Module()
-            c_out = p.ch * p.ch_mult[level]
-            stage.block = nn.ModuleList(
-                ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(p.num_res_blocks + 1)
-            )
-            if level != 0:
-                stage.upsample = Upsample(c_out, p.decoder_doubles_time(level))
-            self.up.insert(0, stage)
-            c_in = c_out
-        self.norm_out = group_norm(c_in)
-        self.conv_out = VideoConv3d(c_in, p.out_ch)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
-        for stage in reversed(self.up):
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 1 + 4(T-1), 8h, 8w]
+def video_layers(p: HunyuanVideoParams) -> Layers:
+    """The LDM structure's layers in 3-D, as ComfyUI builds this VAE: replicate-padded 3x3x3 convs, 1x1x1 ones in
+    the attention, resampling in time at the levels `p` says, attention in query chunks."""
+    return Layers(
+        conv=VideoConv3d,
+        shortcut=partial(VideoConv3d, kernel=1),
+        linear=partial(nn.Conv3d, kernel_size=1),
+        attend=attend,
+        downsample=lambda channels, level: Downsample(channels, p.encoder_halves_time(level)),
+        upsample=lambda channels, level: Upsample(channels, p.decoder_doubles_time(level)),
+    )
 
 
 class HunyuanVideoVAE(nn.Module):
@@ -272,11 +172,12 @@ class HunyuanVideoVAE(nn.Module):
         super().__init__()
         self.params = params
         z = params.z_channels
+        layers = video_layers(params)
         if params.has_encoder:
-            self.encoder = Encoder(params)
+            self.encoder = Encoder(params, layers)
             self.quant_conv = nn.Conv3d(2 * z, 2 * z, 1)
         if params.has_decoder:
-            self.decoder = Decoder(params)
+            self.decoder = Decoder(params, layers)
             self.post_quant_conv = nn.Conv3d(z, z, 1)
 
     def mean(self, moments: Tensor) -> Tensor:
@@ -294,49 +195,14 @@ class HunyuanVideoVAE(nn.Module):
         return self.decoder(F.conv3d(z, self.post_quant_conv.weight, self.post_quant_conv.bias))
 
 
-def level_widths(sd: dict[str, Tensor], side: str, stage: str) -> list[int]:
-    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith(f"{side}.{stage}.")})
-    if not levels or levels != list(range(len(levels))):
-        raise ValueError(f"vae: HunyuanVideo {side}.{stage}.* levels are missing or not contiguous ({levels}).")
-    return [int(sd[f"{side}.{stage}.{i}.block.0.conv1.conv.weight"].shape[0]) for i in levels]
-
-
 def detect_params(sd: dict[str, Tensor]) -> HunyuanVideoParams:
     """Read the configuration off a HunyuanVideo VAE state dict (ComfyUI's keys, prefixes already stripped)."""
-    has_encoder, has_decoder = "encoder.conv_in.conv.weight" in sd, "decoder.conv_in.conv.weight" in sd
-    if not (has_encoder or has_decoder):
+    if "encoder.conv_in.conv.weight" not in sd and "decoder.conv_in.conv.weight" not in sd:
         raise ValueError(
             f"vae: no 'encoder.conv_in.conv.weight' or 'decoder.conv_in.conv.weight' in this HunyuanVideo VAE "
             f"({describe_keys(sd)})."
         )
-    if any(".attn." in k for k in sd if k.startswith(("encoder.down.", "decoder.up."))):
-        raise ValueError("vae: this HunyuanVideo VAE has attention inside its levels; only the mid-block's is run.")
-    if has_encoder:
-        ch, in_channels = sd["encoder.conv_in.conv.weight"].shape[:2]
-        widths = level_widths(sd, "encoder", "down")
-        blocks = {int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")}
-        num_res_blocks, z = len(blocks), sd["encoder.conv_out.conv.weight"].shape[0] // 2
-    else:
-        ch = sd["decoder.conv_out.conv.weight"].shape[1]
-        widths = level_widths(sd, "decoder", "up")
-        blocks = {int(k.split(".")[4]) for k in sd if k.startswith("decoder.up.0.block.")}
-        num_res_blocks, z = len(blocks) - 1, sd["decoder.conv_in.conv.weight"].shape[1]
-    if has_decoder and sd["decoder.conv_in.conv.weight"].shape[1] != z:
-        raise ValueError(
-            f"vae: encoder gives {z} latent channels but decoder takes {sd['decoder.conv_in.conv.weight'].shape[1]}."
-        )
-    out_ch = sd["decoder.conv_out.conv.weight"].shape[0] if has_decoder else in_channels
-    return HunyuanVideoParams(
-        in_channels=int(sd["encoder.conv_in.conv.weight"].shape[1]) if has_encoder else int(out_ch),
-        out_ch=int(out_ch),
-        ch=int(ch),
-        ch_mult=tuple(w // int(ch) for w in widths),
-        num_res_blocks=num_res_blocks,
-        z_channels=int(z),
-        time_compress=TIME_COMPRESS,
-        has_encoder=has_encoder,
-        has_decoder=has_decoder,
-    )
+    return HunyuanVideoParams(**ldm_sizes(sd, ".conv", "HunyuanVideo VAE"), time_compress=TIME_COMPRESS)
 
 
 # Named sizes for random-weight models: HunyuanVideo's own (as comfy/sd.py builds it) and the tests' tiny one.
@@ -347,15 +213,5 @@ CONFIGS = {
 
 
 def random_hunyuan_video(name: str = "hunyuan-video", seed: int = 0) -> HunyuanVideoVAE:
-    """A seeded random-weight HunyuanVideo VAE of a named size: GroupNorm gains near 1, biases near 0, convs
-    scaled by fan-in, so that a wrong statistic, padding or halo shows in the output."""
-    generator = torch.Generator().manual_seed(seed)
-    model = HunyuanVideoVAE(CONFIGS[name])
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.ndim == 1:
-                base = 1.0 if key.endswith("weight") and "norm" in key else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * p[0].numel() ** -0.5)
-    return model.eval().requires_grad_(False)
+    """A seeded random-weight HunyuanVideo VAE of a named size (`autoencoder.randomized`)."""
+    return randomized(HunyuanVideoVAE(CONFIGS[name]), seed)

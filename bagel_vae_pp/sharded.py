@@ -5,11 +5,16 @@ Mirrors `autoencoder.py` layer by layer, replacing the three operations that loo
 nearest-2x + 3x3 conv runs as one folded 2x2 conv per output phase, at a quarter of the pixels),
 GroupNorm uses statistics merged over all ranks, and mid-block attention lets each rank's query rows
 attend to keys/values gathered from every rank. With one rank this is the plain forward.
+
+The walk itself (`mid`, `encoder_forward`, `decoder_forward`) takes its layer operations from a `BandLayers`:
+IMAGE_BAND's here, HunyuanVideo's 3-D ones in `hunyuan_sharded.py`, which runs the same module structure.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -135,48 +140,71 @@ def resnet(block: ResnetBlock, x: Tensor, shard: Shard) -> Tensor:
     return kernels.residual_add_(h, x, bias)
 
 
-def attention(attn: AttnBlock, x: Tensor, shard: Shard) -> Tensor:
-    """Exact global attention with queries sharded by rows: K/V of every rank, Q of this band only."""
-    B, C, H, W = x.shape
-    h = to_tokens(group_norm(attn.norm, x, shard))  # [B, H*W, C]
-    q = linear_1x1(attn.q, h)  # [B, H*W, C]
-    k = gather_tokens(linear_1x1(attn.k, h), shard)  # [B, L, C]
-    v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L, C]
-    # At D = 512 on an H100 the split form (two Triton GEMMs, bf16 probabilities stored once) ran 1.77x the GEMM
-    # form (cuBLAS around an fp32 score matrix), which ran 1.5x the flash kernel (bench/attention_forms.py).
-    # The form is picked wherever the kernels run (so the interpreted tests walk the GPUs' path); elsewhere SDPA.
-    # Every form sends only bf16/fp16 into its half-precision kernels: fp32 stays fp32, probabilities included.
-    switch = os.environ.get(ATTENTION_SWITCH, "split")
-    form = ATTENTION_FORMS[switch] if kernels.is_available(q.device) else kernels.attention
-    h = form(q, k, v)  # [B, H*W, C]
-    return x + from_tokens(linear_1x1(attn.proj_out, h), H, W)
+def attention(attn: AttnBlock, x: Tensor, shard: Shard, attend: Callable | None = None) -> Tensor:
+    """Exact global attention with queries sharded by rows: K/V of every rank (of all frames, for a video), Q of
+    this band only. attend: one head's softmax(q k^T / sqrt(C)) v; None (the image VAEs) picks the kernels' form."""
+    h = to_tokens(group_norm(attn.norm, x, shard))  # [B, L, C]: this band's H*W (T*H*W) positions
+    q = linear_1x1(attn.q, h)  # [B, L, C]
+    k = gather_tokens(linear_1x1(attn.k, h), shard)  # [B, L_all, C]: rank-major (softmax is blind to key order)
+    v = gather_tokens(linear_1x1(attn.v, h), shard)  # [B, L_all, C]
+    if attend is None:
+        # At D = 512 on an H100 the split form (two Triton GEMMs, bf16 probabilities stored once) ran 1.77x the GEMM
+        # form (cuBLAS around an fp32 score matrix), which ran 1.5x the flash kernel (bench/attention_forms.py).
+        # The form is picked wherever the kernels run (so the interpreted tests walk the GPUs' path); elsewhere
+        # SDPA. Every form sends only bf16/fp16 into its half-precision kernels: fp32 stays fp32, probabilities
+        # included.
+        switch = os.environ.get(ATTENTION_SWITCH, "split")
+        attend = ATTENTION_FORMS[switch] if kernels.is_available(q.device) else kernels.attention
+    h = attend(q, k, v)  # [B, L, C]
+    return x + from_tokens(linear_1x1(attn.proj_out, h), *x.shape[2:])
 
 
-def mid(block: MidBlock, x: Tensor, shard: Shard) -> Tensor:
-    x = resnet(block.block_1, x, shard)
-    x = attention(block.attn_1, x, shard)
-    return resnet(block.block_2, x, shard)
+@dataclass(frozen=True)
+class BandLayers:
+    """How a band runs each kind of layer of the LDM structure; the walk below is the same for every model built
+    on `autoencoder.Encoder` / `Decoder`. Each takes (layer, x, shard)."""
+
+    conv: Callable  # a 3x3 (3x3x3) conv keeping the size: conv_in, conv_out
+    resnet: Callable  # a ResnetBlock
+    attention: Callable  # the mid block's AttnBlock
+    downsample: Callable  # an encoder level's Downsample's conv: all that either model needs of it
+    upsample: Callable  # a decoder level's Upsample (HunyuanVideo's says whether it doubles time)
 
 
-def encoder_forward(enc: Encoder, x: Tensor, shard: Shard) -> Tensor:
-    h = conv3x3(enc.conv_in, x, shard)
+IMAGE_BAND = BandLayers(
+    conv=conv3x3,
+    resnet=resnet,
+    attention=attention,
+    downsample=downsample,
+    upsample=lambda layer, x, shard: upsample_conv(layer.conv, x, shard),
+)
+
+
+def mid(block: MidBlock, x: Tensor, shard: Shard, layers: BandLayers = IMAGE_BAND) -> Tensor:
+    x = layers.resnet(block.block_1, x, shard)
+    x = layers.attention(block.attn_1, x, shard)
+    return layers.resnet(block.block_2, x, shard)
+
+
+def encoder_forward(enc: Encoder, x: Tensor, shard: Shard, layers: BandLayers = IMAGE_BAND) -> Tensor:
+    h = layers.conv(enc.conv_in, x, shard)
     for stage in enc.down:
         for block in stage.block:
-            h = resnet(block, h, shard)
+            h = layers.resnet(block, h, shard)
         if hasattr(stage, "downsample"):
-            h = downsample(stage.downsample.conv, h, shard)
-    h = mid(enc.mid, h, shard)
-    return conv3x3(enc.conv_out, group_norm(enc.norm_out, h, shard, silu=True), shard)
+            h = layers.downsample(stage.downsample.conv, h, shard)
+    h = mid(enc.mid, h, shard, layers)
+    return layers.conv(enc.conv_out, group_norm(enc.norm_out, h, shard, silu=True), shard)
 
 
-def decoder_forward(dec: Decoder, z: Tensor, shard: Shard) -> Tensor:
-    h = mid(dec.mid, conv3x3(dec.conv_in, z, shard), shard)
+def decoder_forward(dec: Decoder, z: Tensor, shard: Shard, layers: BandLayers = IMAGE_BAND) -> Tensor:
+    h = mid(dec.mid, layers.conv(dec.conv_in, z, shard), shard, layers)
     for stage in reversed(dec.up):
         for block in stage.block:
-            h = resnet(block, h, shard)
+            h = layers.resnet(block, h, shard)
         if hasattr(stage, "upsample"):
-            h = upsample_conv(stage.upsample.conv, h, shard)
-    return conv3x3(dec.conv_out, group_norm(dec.norm_out, h, shard, silu=True), shard)
+            h = layers.upsample(stage.upsample, h, shard)
+    return layers.conv(dec.conv_out, group_norm(dec.norm_out, h, shard, silu=True), shard)
 
 
 def encode_band(ae: AutoEncoder, x: Tensor, shard: Shard) -> Tensor:
@@ -194,7 +222,8 @@ def decode_band(ae: AutoEncoder, z: Tensor, shard: Shard) -> Tensor:
     return decoder_forward(ae.decoder, z, shard)
 
 
-def count_layers(ae: AutoEncoder, op: str) -> int:
-    """How many times `Shard.on_layer` fires in one band forward (for progress)."""
+def count_layers(ae: nn.Module, op: str) -> int:
+    """How many times `Shard.on_layer` fires in one band forward of `ae` (an AutoEncoder or HunyuanVideoVAE): once
+    per GroupNorm, for progress."""
     part = ae.encoder if op == "encode" else ae.decoder
     return sum(isinstance(m, nn.GroupNorm) for m in part.modules())
