@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from kernel_refs import interpreted_kernels, needs_triton, rel_err  # noqa: F401
 
 import bagel_vae_pp.bagel
@@ -133,7 +132,7 @@ class TestReferencesAreTheTorchPath:
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_swiglu(self, dtype):
         g, u = activations((37, 1001), dtype, seed=9) * 4, activations((37, 1001), dtype, seed=10)
-        assert_like_torch(F.silu(g).mul_(u), *swiglu_expected(g, u))
+        assert_like_torch(llm._silu_mul_(g.clone(), u), *swiglu_expected(g, u))
 
 
 def test_the_cpu_path_stays_torch():
@@ -168,9 +167,21 @@ class TestKernels:
         cos, sin = rope_tables(n, d, dtype, per_token)
         w, w_tail = weights(d, dtype, seed=4)
         expected = qk_expected(t, cos, sin, w, w_tail, 3)
-        out = ik.qk_norm_rope_(t, cos, sin, EPS, w, w_tail, 3)
+        out = ik.qk_norm_rope(t, cos, sin, EPS, w, w_tail, 3)
         assert out.data_ptr() == t.data_ptr()  # in place
         assert_like_torch(out, *expected)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_qk_norm_rope_gathers_tokens_in_order(self, ik, dtype):
+        """Token i of the output is token order[i] of the input, with that token's tables and expert weight."""
+        t = activations((11, 3, 32), dtype, seed=13)
+        cos, sin = rope_tables(11, 32, dtype, per_token=True)
+        w, w_tail = weights(32, dtype, seed=14)
+        order = torch.randperm(11, generator=torch.Generator().manual_seed(15))
+        ref, stable = qk_expected(t, cos, sin, w, w_tail, 4)
+        before = t.clone()
+        assert_like_torch(ik.qk_norm_rope(t, cos, sin, EPS, w, w_tail, 4, order), ref[order], stable[order])
+        assert torch.equal(t, before)  # the input is left as it was
 
     @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
     @pytest.mark.parametrize("dtype", DTYPES)
@@ -210,7 +221,7 @@ def test_layers_with_the_kernels_match_the_torch_path(fused_llm, monkeypatch, dt
     """Both experts' rows (the gen block mid-sequence, and batched passes), every fused kernel launched; against
     the same model with BAGEL_VAE_PP_FUSED_LAYERS=0."""
     kernels_pkg = fused_llm.kernels
-    calls = {name: 0 for name in ("rms_norm", "qk_norm_rope_", "swiglu_")}
+    calls = {name: 0 for name in ("rms_norm", "qk_norm_rope", "swiglu_")}
 
     def counted(name):
         fn = getattr(kernels_pkg, name)
@@ -235,7 +246,7 @@ def test_layers_with_the_kernels_match_the_torch_path(fused_llm, monkeypatch, dt
     fused = run()
     # three calls (the cache's, one pass, two batched) of 2 layers: 2 norms + q, k + one SwiGLU per expert a layer
     # (the cache's: one expert), and the final norm
-    assert calls == {"rms_norm": 3 * (2 * 2 + 1), "qk_norm_rope_": 3 * 2 * 2, "swiglu_": 2 + 2 * 2 * 2}
+    assert calls == {"rms_norm": 3 * (2 * 2 + 1), "qk_norm_rope": 3 * 2 * 2, "swiglu_": 2 + 2 * 2 * 2}
     monkeypatch.setenv(kernels_pkg.LAYER_FUSION_SWITCH, "0")
     plain = run()
     assert calls["swiglu_"] == 10  # the switch: no further launches

@@ -64,7 +64,10 @@ class MLP(nn.Module):
 
 def _swiglu(mlp: MLP, x: Tensor | Fp8Rows) -> Tensor:
     """silu(gate(x)) * up(x), in place on the gate output (no [L, hidden] temporaries)."""
-    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    return _silu_mul_(mlp.gate_proj(x), mlp.up_proj(x))
+
+
+def _silu_mul_(g: Tensor, u: Tensor) -> Tensor:
     if kernels.fuses_layers(g):
         return kernels.swiglu_(g, u)  # one pass instead of two
     return F.silu(g, inplace=True).mul_(u)
@@ -119,6 +122,14 @@ class _Rows:
             pieces.insert(0, before)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def by_pass(self, device) -> Tensor | None:
+        """The rows of_pass reads, pass after pass, [P·n] (int64 on `device`): t[by_pass] is every pass's rows together,
+        pass p's at [p·n, (p+1)·n) (one gather instead of P copies); None with one pass (t itself)."""
+        if self.passes == 1:
+            return None
+        index = torch.arange(self.passes * self.n, device=device)
+        return torch.cat([self.of_pass(index, p) for p in range(self.passes)])
+
     def of_pass(self, t: Tensor, p: int) -> Tensor:
         """Pass p's n rows (expert order) of all passes' rows t [P·n, ...]."""
         if self.passes == 1:
@@ -147,13 +158,16 @@ def _norm(x: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm) -> Tensor:
     return y
 
 
-def _norm_rope(t: Tensor, cos: Tensor, sin: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm) -> Tensor:
+def _norm_rope(
+    t: Tensor, cos: Tensor, sin: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm, order: Tensor | None = None
+) -> Tensor:
     """RoPE of each expert's RMSNorm of its rows of t [N, H, Dh] (expert order) over each head vector (q/k norm):
-    [N, H, Dh], in place on t where the kernel runs."""
+    [N, H, Dh], rows taken in `order` if given (in place on t where the kernel runs without one)."""
     parts = rows.parts(und, gen)
     if kernels.fuses_layers(t) and _is_uniform(parts, t) and cos.dtype == t.dtype:
-        return kernels.qk_norm_rope_(t, cos, sin, und.eps, *_expert_weights(parts))  # one pass instead of five
-    return apply_rope(_norm(t, rows, und, gen), cos, sin)
+        return kernels.qk_norm_rope(t, cos, sin, und.eps, *_expert_weights(parts), order)  # one pass, not five
+    out = apply_rope(_norm(t, rows, und, gen), cos, sin)
+    return out if order is None else out[order]
 
 
 def _is_uniform(parts: list[tuple[slice, RMSNorm]], x: Tensor) -> bool:
@@ -287,14 +301,15 @@ class Attention(nn.Module):
         q = _project(x, rows, self.q_proj, self.q_proj_moe_gen).view(N, H, Dh)
         k = _project(x, rows, self.k_proj, self.k_proj_moe_gen).view(N, Hkv, Dh)
         v = _project(x, rows, self.v_proj, self.v_proj_moe_gen).view(N, Hkv, Dh)
-        q = _norm_rope(q, cos, sin, rows, self.q_norm, self.q_norm_moe_gen)  # [P·L, H, Dh]
+        # [P·L, H, Dh], pass after pass: pass p's queries are q[p·L : (p+1)·L]
+        q = _norm_rope(q, cos, sin, rows, self.q_norm, self.q_norm_moe_gen, rows.by_pass(q.device))
         k = _norm_rope(k, cos, sin, rows, self.k_norm, self.k_norm_moe_gen)  # [P·L, Hkv, Dh]
         outs, kvs = [], []
         for p, past in enumerate(pasts):
             # [Lk, Hkv, Dh]: the pass's cache, then its new tokens in their original order
             before = (None, None) if past is None else past
             k_p, v_p = (rows.unpack(rows.of_pass(t, p), b) for t, b in zip((k, v), before))
-            outs.append(self.sdpa(rows.of_pass(q, p), k_p, v_p, rows, causal))
+            outs.append(self.sdpa(q[p * rows.n : (p + 1) * rows.n], k_p, v_p, rows, causal))
             kvs.append((k_p, v_p))
         return rows.join(outs), kvs
 

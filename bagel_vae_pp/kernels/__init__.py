@@ -69,7 +69,7 @@ from .attention import attention  # noqa: E402
 from .gemm_attention import gemm_attention  # noqa: E402
 from .group_norm import group_norm_apply, group_stats, with_conv_bias  # noqa: E402
 from .phases import interleave_phases  # noqa: E402
-from .qk_norm_rope import qk_norm_rope_  # noqa: E402
+from .qk_norm_rope import qk_norm_rope  # noqa: E402
 from .residual import residual_add_  # noqa: E402
 from .rms_norm import rms_norm  # noqa: E402
 from .split_attention import split_attention  # noqa: E402
@@ -83,7 +83,7 @@ __all__ = [
     "group_stats",
     "interleave_phases",
     "is_available",
-    "qk_norm_rope_",
+    "qk_norm_rope",
     "residual_add_",
     "rms_norm",
     "split_attention",

@@ -67,7 +67,9 @@ if triton is not None:
         else:
             w = tl.load(W_tail + offs, mask=valid, other=0.0).to(tl.float32)
         mean = tl.math.div_rn(tl.sum(x * x, axis=0), tl.full([], D, tl.float32))
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))  # torch's rsqrt is 1 / sqrt, both correctly rounded
+        rstd = tl.math.div_rn(
+            tl.full([], 1.0, tl.float32), tl.sqrt_rn(mean + eps)
+        )  # torch's rsqrt is 1 / sqrt, both correctly rounded
         n = x * rstd
         if ROUND:
             n = round_bf16(n)
