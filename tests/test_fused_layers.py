@@ -5,7 +5,7 @@ kernels against the layers without them.
 The bound, bf16: bit-identical wherever the result does not hinge on the last fp32 bits of one quantity the kernel
 computes differently from torch (rstd: a sum in another order; SiLU: another exp). The reference is evaluated with
 that quantity scaled by 1 - 2^-16 and 1 + 2^-16 (fp32 sums of a few thousand squares err by ~2^-20); an element whose
-rounded intermediate is the same at both ends is "stable" and must match to the bit. The others (~1% of elements)
+rounded intermediate is the same at both ends is "stable" and must match to the bit. The others (0.5-3% here)
 may land one bf16 ulp of the intermediate away: within 2^-6 of their vector's largest value. fp32: within fp32's
 default tolerances of float64 (a few ulps, no intermediate bf16 roundings).
 
