@@ -8,6 +8,10 @@ RMSNorm per head, RoPE). Sequences are one sample, unbatched: tensors are [L, D]
 
 Attention is torch SDPA. Causal calls append to a cache, so queries are the last L of Lk keys and the mask is
 aligned bottom-right (flash-attn varlen semantics); SDPA's own `is_causal` would align top-left.
+
+Where the Triton kernels run (kernels.fuses_layers: CUDA, bf16/fp32) the work between the GEMMs is fused, rounding
+where the torch path does: RMSNorm with its weight, q/k norm with RoPE, silu(gate) * up (kernels/rms_norm.py,
+qk_norm_rope.py, swiglu.py). Residual adds ride in the o_proj and down_proj GEMMs (addmm_ into the residual stream).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from .config import LLMConfig
 from .quantize import Fp8Rows, quantize_once
 
@@ -59,8 +64,13 @@ class MLP(nn.Module):
 
 def _swiglu(mlp: MLP, x: Tensor | Fp8Rows) -> Tensor:
     """silu(gate(x)) * up(x), in place on the gate output (no [L, hidden] temporaries)."""
-    g = mlp.gate_proj(x)
-    return F.silu(g, inplace=True).mul_(mlp.up_proj(x))
+    return _silu_mul_(mlp.gate_proj(x), mlp.up_proj(x))
+
+
+def _silu_mul_(g: Tensor, u: Tensor) -> Tensor:
+    if kernels.fuses_layers(g):
+        return kernels.swiglu_(g, u)  # one pass instead of two
+    return F.silu(g, inplace=True).mul_(u)
 
 
 class _Rows:
@@ -112,6 +122,14 @@ class _Rows:
             pieces.insert(0, before)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def by_pass(self, device) -> Tensor | None:
+        """The rows of_pass reads, pass after pass, [P·n] (int64 on `device`): t[by_pass] is every pass's rows together,
+        pass p's at [p·n, (p+1)·n) (one gather instead of P copies); None with one pass (t itself)."""
+        if self.passes == 1:
+            return None
+        index = torch.arange(self.passes * self.n, device=device)
+        return torch.cat([self.of_pass(index, p) for p in range(self.passes)])
+
     def of_pass(self, t: Tensor, p: int) -> Tensor:
         """Pass p's n rows (expert order) of all passes' rows t [P·n, ...]."""
         if self.passes == 1:
@@ -130,12 +148,35 @@ def _norm(x: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm) -> Tensor:
     """Each expert's RMSNorm over the last dim of its rows of x (expert order): one normalisation for all rows,
     then the weight multiply in place (in the model dtype, after rounding, as Qwen2)."""
     parts = rows.parts(und, gen)
-    if any(norm.eps != und.eps or norm.weight.dtype != x.dtype for _, norm in parts):
+    if not _is_uniform(parts, x):
         return torch.cat([norm(x[r]) for r, norm in parts])  # not met by BAGEL: one eps, one dtype
+    if kernels.fuses_layers(x):
+        return kernels.rms_norm(x, und.eps, *_expert_weights(parts))  # one pass instead of two
     y = _normalise(x, und.eps)
     for r, norm in parts:
         y[r].mul_(norm.weight)
     return y
+
+
+def _norm_rope(
+    t: Tensor, cos: Tensor, sin: Tensor, rows: _Rows, und: RMSNorm, gen: RMSNorm, order: Tensor | None = None
+) -> Tensor:
+    """RoPE of each expert's RMSNorm of its rows of t [N, H, Dh] (expert order) over each head vector (q/k norm):
+    [N, H, Dh], rows taken in `order` if given (in place on t where the kernel runs without one)."""
+    parts = rows.parts(und, gen)
+    if kernels.fuses_layers(t) and _is_uniform(parts, t) and cos.dtype == t.dtype:
+        return kernels.qk_norm_rope(t, cos, sin, und.eps, *_expert_weights(parts), order)  # one pass, not five
+    out = apply_rope(_norm(t, rows, und, gen), cos, sin)
+    return out if order is None else out[order]
+
+
+def _is_uniform(parts: list[tuple[slice, RMSNorm]], x: Tensor) -> bool:
+    return all(norm.eps == parts[0][1].eps and norm.weight.dtype == x.dtype for _, norm in parts)  # BAGEL's are
+
+
+def _expert_weights(parts: list[tuple[slice, RMSNorm]]) -> tuple[Tensor, Tensor, int]:
+    """The kernels' (w, w_tail, split): first and last expert's weights, the last one's first row (0 if alone)."""
+    return parts[0][1].weight, parts[-1][1].weight, parts[-1][0].start
 
 
 def _project(x: Tensor | Fp8Rows, rows: _Rows, und: nn.Linear, gen: nn.Linear) -> Tensor:
@@ -260,14 +301,15 @@ class Attention(nn.Module):
         q = _project(x, rows, self.q_proj, self.q_proj_moe_gen).view(N, H, Dh)
         k = _project(x, rows, self.k_proj, self.k_proj_moe_gen).view(N, Hkv, Dh)
         v = _project(x, rows, self.v_proj, self.v_proj_moe_gen).view(N, Hkv, Dh)
-        q = apply_rope(_norm(q, rows, self.q_norm, self.q_norm_moe_gen), cos, sin)  # [P·L, H, Dh]
-        k = apply_rope(_norm(k, rows, self.k_norm, self.k_norm_moe_gen), cos, sin)  # [P·L, Hkv, Dh]
+        # [P·L, H, Dh], pass after pass: pass p's queries are q[p·L : (p+1)·L]
+        q = _norm_rope(q, cos, sin, rows, self.q_norm, self.q_norm_moe_gen, rows.by_pass(q.device))
+        k = _norm_rope(k, cos, sin, rows, self.k_norm, self.k_norm_moe_gen)  # [P·L, Hkv, Dh]
         outs, kvs = [], []
         for p, past in enumerate(pasts):
             # [Lk, Hkv, Dh]: the pass's cache, then its new tokens in their original order
             before = (None, None) if past is None else past
             k_p, v_p = (rows.unpack(rows.of_pass(t, p), b) for t, b in zip((k, v), before))
-            outs.append(self.sdpa(rows.of_pass(q, p), k_p, v_p, rows, causal))
+            outs.append(self.sdpa(q[p * rows.n : (p + 1) * rows.n], k_p, v_p, rows, causal))
             kvs.append((k_p, v_p))
         return rows.join(outs), kvs
 

@@ -1,5 +1,5 @@
-"""Triton kernels for the GPU hot path: mid-block attention (D = 512; flash, GEMM and split forms) and GroupNorm
-statistics / apply, Wan's RMS norm.
+"""Triton kernels for the GPU hot path: mid-block attention (D = 512; flash, GEMM and split forms), GroupNorm
+statistics / apply, Wan's channel RMS norm, and BAGEL's fused layer kernels (RMSNorm, q/k norm + RoPE, SwiGLU).
 
 Each public function falls back to the plain torch computation when Triton is missing or the tensors
 sit on the CPU (unless TRITON_INTERPRET=1, which runs the kernels on CPU tensors for the tests).
@@ -18,6 +18,8 @@ try:
 except ImportError:
     HAS_TRITON = False
 
+LAYER_FUSION_SWITCH = "BAGEL_VAE_PP_FUSED_LAYERS"  # "0": BAGEL's layers take the torch path on GPUs too
+
 
 def is_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels run for tensors on `device`: CUDA, or the CPU under the interpreter (never the meta
@@ -26,6 +28,18 @@ def is_available(device: torch.device | str) -> bool:
         return False
     kind = torch.device(device).type
     return kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def fuses_layers(t: torch.Tensor) -> bool:
+    """Whether BAGEL's decoder layers (bagel/llm.py) run the fused kernels (rms_norm, qk_norm_rope, swiglu) on t: a
+    device they run on, bf16 or fp32, contiguous, and LAYER_FUSION_SWITCH not set to "0" (the torch path, for
+    comparison: bench/bench_layer_fusion.py)."""
+    return (
+        is_available(t.device)
+        and t.dtype in (torch.bfloat16, torch.float32)
+        and t.is_contiguous()
+        and os.environ.get(LAYER_FUSION_SWITCH, "1") != "0"
+    )
 
 
 def is_nhwc(x: torch.Tensor) -> bool:
@@ -56,18 +70,25 @@ from .channel_rms_norm import channel_rms_norm  # noqa: E402
 from .gemm_attention import gemm_attention  # noqa: E402
 from .group_norm import group_norm_apply, group_stats, with_conv_bias  # noqa: E402
 from .phases import interleave_phases  # noqa: E402
+from .qk_norm_rope import qk_norm_rope  # noqa: E402
 from .residual import residual_add_  # noqa: E402
+from .rms_norm import rms_norm  # noqa: E402
 from .split_attention import split_attention  # noqa: E402
+from .swiglu import swiglu_  # noqa: E402
 
 __all__ = [
     "attention",
     "channel_rms_norm",
+    "fuses_layers",
     "gemm_attention",
     "group_norm_apply",
     "group_stats",
     "interleave_phases",
     "is_available",
+    "qk_norm_rope",
     "residual_add_",
+    "rms_norm",
     "split_attention",
+    "swiglu_",
     "with_conv_bias",
 ]
