@@ -40,6 +40,7 @@ from bagel_vae_pp.bagel.quantize import WEIGHT_DTYPES, check_weight_dtype, quant
 from bagel_vae_pp.bagel.sampler import GuidanceOptions  # noqa: E402
 from bagel_vae_pp.bagel.stream import fit_, stream_layers_  # noqa: E402
 from bagel_vae_pp.bagel.tokenizer import SpecialTokens  # noqa: E402
+from bagel_vae_pp.kernels import LAYER_FUSION_SWITCH  # noqa: E402
 
 
 class SyntheticTokenizer:
@@ -148,6 +149,25 @@ def generate(models, tokenizer, args, options, steps: int) -> tuple[float, int, 
     return time.perf_counter() - start, passes.count, latent
 
 
+VARIANTS = ("sequential", "unfused")
+
+
+def variant(name: str, models, tokenizer, args, options, main_latent: torch.Tensor) -> dict:
+    """One more timed generation on the same model: a step's passes one after the other, or the layers' torch path."""
+    env = os.environ.copy()
+    if name == "unfused":
+        os.environ[LAYER_FUSION_SWITCH] = "0"
+    run_args = argparse.Namespace(**{**vars(args), "passes": "sequential" if name == "sequential" else args.passes})
+    try:
+        seconds, passes, latent = generate(models, tokenizer, run_args, options, args.steps)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    error = float((latent - main_latent).norm() / main_latent.norm())
+    return {"seconds": round(seconds, 3), "ms_per_pass": round(1000 * seconds / passes, 2),
+            "latent_rel_l2_vs_main": round(error, 5)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="7b-mot", help="named model size")
@@ -172,8 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-cache", type=float, default=0.0,
                         help="StepCache threshold (sampler.py); above 0 the uncached run is timed too, for the "
                         "speed-up and the latent's error")  # fmt: skip
+    parser.add_argument("--also", default="",
+                        help="comma list of variants timed after the main run on the same model, with their latent's "
+                        "error against it: sequential (one pass at a time), unfused (the decoder layers' torch path, "
+                        f"{LAYER_FUSION_SWITCH}=0)")  # fmt: skip
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
+    if set(filter(None, args.also.split(","))) - set(VARIANTS):
+        parser.error(f"--also: variants are {', '.join(VARIANTS)}; got '{args.also}'")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the streaming plan, on stderr
     args.devices = [d.strip() for d in args.devices.split(",")]
     if (args.memory_cap is not None or args.resident_layers is not None) and len(args.devices) > 1:
@@ -196,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = {"step_cache": args.step_cache, "uncached_seconds": round(uncached_s, 3),
                  "uncached_passes": uncached_passes, "speedup": round(uncached_s / seconds, 3),
                  "latent_rel_l2_vs_uncached": round(float((latent - want).norm() / want.norm()), 5)}  # fmt: skip
+    variants = {v: variant(v, models, tokenizer, args, options, latent) for v in filter(None, args.also.split(","))}
     result = {
         "config": args.config, "devices": args.devices, "dtype": args.dtype, "weight_dtype": args.weight_dtype,
         "parameter_gib": round(parameter_gib(models[0]), 2), "size": args.size, "steps": args.steps,
@@ -210,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         "resident_layers": resident, "streamed_gib_per_pass": streamed_gib(models[0]),
         "gpu": [torch.cuda.get_device_name(d) for d in args.devices if d.startswith("cuda")],
         "torch": torch.__version__,
+        "fused_layers": os.environ.get(LAYER_FUSION_SWITCH, "1") != "0",
         **cache,
+        **variants,
     }  # fmt: skip
     print(json.dumps(result))
     if args.json:

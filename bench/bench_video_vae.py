@@ -183,8 +183,12 @@ def main() -> None:
                     runners.append(lambda: Ours(ae, dtype, device))
                     runners.append(lambda: Ours(ae, dtype, device, ndhwc=True))
                 for make in runners:
-                    r = make()
-                    out, ms, peak = timed(getattr(r, op), data, args.repeat, device)
+                    try:  # one failing row (out of memory, say) leaves the others their say
+                        r = make()
+                        out, ms, peak = timed(getattr(r, op), data, args.repeat, device)
+                    except Exception as e:
+                        print(f"{op} {w}x{h}: {type(e).__name__}: {e}", flush=True)
+                        continue
                     rows.append(emit({**base, "impl": r.name, "ms": ms, "peak_gib": peak, **errors(out, ref)}, args))
                     del r, out
                 if device.type == "cuda":
