@@ -1,4 +1,5 @@
-"""Pure planning: row bands for exact mode, tiles and blend weights for tiled mode.
+"""Pure planning: row bands for exact mode, tiles and blend weights for tiled mode (images; and the video VAEs, whose
+tiles are placed and feathered as ComfyUI's tiled video decode / encode does).
 
 Every rank calls these with the same arguments and gets the same plan, so no rank ever waits in a
 collective that another rank skipped. Intervals are half-open `(start, stop)` row or column ranges.
@@ -74,10 +75,62 @@ def blend_weights(tiles: list[Interval], size: int, ramp: int) -> list[torch.Ten
         if stop < size and n:
             w[-n:] = torch.minimum(w[-n:], up.flip(0))
         raw.append(w)
+    return normalised(tiles, raw, size)
+
+
+def normalised(tiles: list[Interval], raw: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Raw float64 weights per tile divided by their sum over the tiles at each position, as float32."""
     total = torch.zeros(size, dtype=torch.float64)
     for (start, stop), w in zip(tiles, raw):
         total[start:stop] += w
     return [(w / total[start:stop]).float() for (start, stop), w in zip(tiles, raw)]
+
+
+def plan_core_tiles(size: int, tile: int, overlap: int) -> list[Interval]:
+    """Tiles along one axis placed as ComfyUI's tiled video decode / encode places them: one tile (0, size) when it
+    fits, else starts 0, tile - overlap, 2 (tile - overlap), ... while a start is below size - overlap, the last tile
+    cut short at the edge (never moved back to end flush, unlike plan_tiles).
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile ({tile}) must exceed overlap ({overlap}), and overlap must be >= 0.")
+    if size <= tile:
+        return [(0, size)]
+    return [(start, min(start + tile, size)) for start in range(0, size - overlap, tile - overlap)]
+
+
+def feather_weights(spans: list[Interval], size: int, feather: int) -> list[torch.Tensor]:
+    """ComfyUI's video feather along one axis, normalised: each tile's share at every position of its span.
+
+    A tile's raw weight is multiplied by 1/f, 2/f, ..., f/f over the f positions in from *each* of its ends (the
+    image edge too; at a position no other tile covers it normalises to 1 anyway), the two ramps multiplying where
+    they meet; a tile no longer than f keeps weight 1. Shares are raw weights over their sum at each position.
+    """
+    raw = []
+    for start, stop in spans:
+        w = torch.ones(stop - start, dtype=torch.float64)
+        if 0 < feather < stop - start:
+            up = torch.arange(1, feather + 1, dtype=torch.float64) / feather
+            w[:feather] *= up
+            w[-feather:] *= up.flip(0)
+        raw.append(w)
+    return normalised(spans, raw, size)
+
+
+def plan_tile_deal(spans: list[Interval], world: int) -> list[tuple[Interval, Interval, Interval]]:
+    """Deal tiles along one axis to workers, none computed twice: per worker (its tiles as an index range, the span
+    they cover, the span it owns).
+
+    Workers take consecutive groups of tiles (plan_bands) and own from their first tile's start to the next worker's
+    first tile's start, so the owned spans partition the axis; the end of a worker's covered span that the next one
+    owns is the strip it hands over. `spans` are sorted tiles, each overlapping only its neighbours (overlap below
+    half a tile), so a handed-over strip never reaches past the receiver's owned span.
+    """
+    groups = plan_bands(len(spans), world)
+    covered = [(spans[first][0], spans[last - 1][1]) for first, last in groups]
+    stops = [start for start, _ in covered[1:]] + [covered[-1][1]]
+    for (_, before), stop in zip(covered, stops[1:]):
+        assert before <= stop, (spans, world)
+    return [(g, c, (c[0], stop)) for g, c, stop in zip(groups, covered, stops)]
 
 
 def plan_tile_rows(row_tiles: list[Interval], scale: float, world: int) -> list[tuple[Interval, list[int]]]:

@@ -127,6 +127,7 @@ def bench_op(ae, op, data, args, device) -> list[dict]:
     pool = get_pool(PoolSpec.parse(pool_devices(args), args.dtype, args.timeout_s))
     run = pool.decode if op == "decode" else pool.encode
     kwargs = {"mode": args.mode, "tile_px": args.tile, "overlap_px": args.overlap}
+    kwargs |= {"temporal_size": args.temporal_size, "temporal_overlap": args.temporal_overlap}
     run(ae, data, **kwargs)  # warm-up: starts workers, sends weights
     out, ms = timed(lambda: run(ae, data, **kwargs), args.repeat, torch.device("cpu"))
     peaks = [r.get("peak_bytes") for r in pool.last_replies]
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
     b.add_argument("--mode", choices=["exact", "tiled"], default="exact")
     b.add_argument("--tile", type=int, default=512, help="tiled mode: tile side in pixels")
     b.add_argument("--overlap", type=int, default=64, help="tiled mode: overlap in pixels")
+    b.add_argument("--temporal-size", type=int, default=64, help="tiled mode, video VAEs: frames per temporal tile")
+    b.add_argument("--temporal-overlap", type=int, default=8, help="tiled mode, video VAEs: frames of overlap")
     b.add_argument("--repeat", type=int, default=3, help="timed runs per case (median reported)")
     b.add_argument("--timeout-s", type=float, default=120.0)
     b.add_argument("--vae", default=None, help="a VAE .safetensors file (default: a random VAE of --vae-arch)")

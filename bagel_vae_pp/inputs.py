@@ -131,3 +131,19 @@ def check_tiles(mode: str, tile_px: int, overlap_px: int, downscale: int) -> Non
             f"tile_size/overlap: got {tile_px}/{overlap_px}; both must be multiples of {downscale} "
             "and overlap must be less than half the tile size."
         )
+
+
+def check_temporal_tiles(temporal_size: int, temporal_overlap: int, time_scale: int) -> None:
+    """Tiled mode with a video VAE: temporal tiles in frames, as core VAE Decode (Tiled) takes them, of whole latent
+    frames (`time_scale` frames each); overlapping by at most half a tile, so only neighbouring tiles overlap."""
+    if (
+        temporal_size % time_scale
+        or temporal_overlap % time_scale
+        or temporal_size < 2 * time_scale
+        or not time_scale <= temporal_overlap <= temporal_size // 2
+    ):
+        raise ValueError(
+            f"temporal_size/temporal_overlap: got {temporal_size}/{temporal_overlap} frames; both must be multiples "
+            f"of {time_scale}, temporal_size at least {2 * time_scale}, and temporal_overlap from {time_scale} up to "
+            "half of temporal_size."
+        )

@@ -352,18 +352,20 @@ class WorkerPool:
         return replies
 
     def decode(self, vae, latent, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None,
-               make_room=None):  # fmt: skip
+               make_room=None, temporal_size=64, temporal_overlap=8):  # fmt: skip
         """Decode a ComfyUI LATENT across the workers: see `vae_job.run` for the arguments.
 
         Returns: IMAGE [B, 8h, 8w, 3] float32 in [0, 1], on CPU."""
-        return vae_job.run(self, "decode", vae, latent, mode, tile_px, overlap_px, interrupt, progress, make_room)
+        return vae_job.run(self, "decode", vae, latent, mode, tile_px, overlap_px, interrupt, progress, make_room,
+                           temporal_size, temporal_overlap)  # fmt: skip
 
     def encode(self, vae, pixels, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None,
-               make_room=None):  # fmt: skip
+               make_room=None, temporal_size=64, temporal_overlap=8):  # fmt: skip
         """Encode a ComfyUI IMAGE [B, H, W, 3] in [0, 1] to its posterior mean [B, z, H/8, W/8], raw VAE space.
 
         Sizes that are not multiples of 8 are centre-cropped, as core VAEEncode does. See `vae_job.run`."""
-        return vae_job.run(self, "encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress, make_room)
+        return vae_job.run(self, "encode", vae, pixels, mode, tile_px, overlap_px, interrupt, progress, make_room,
+                           temporal_size, temporal_overlap)  # fmt: skip
 
 
 # The one process-wide state: pools by spec, so prompts reuse running workers.

@@ -12,7 +12,14 @@ from torch import nn
 
 from . import shm
 from .autoencoder import strip_prefixes
-from .inputs import check_latent, check_tiles, check_video_latent, non_finite_error, prepare_pixels
+from .inputs import (
+    check_latent,
+    check_temporal_tiles,
+    check_tiles,
+    check_video_latent,
+    non_finite_error,
+    prepare_pixels,
+)
 from .vae_kinds import detect_params, frames_per_forward, is_video
 
 LOAD_TIMEOUT_S = 180.0
@@ -45,7 +52,8 @@ def ensure_vae(pool, vae: nn.Module, interrupt=None):
     return params
 
 
-def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, make_room):
+def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, make_room, temporal_size=64,
+        temporal_overlap=8):  # fmt: skip
     """Decode a LATENT or encode an IMAGE across the pool's workers.
 
     Args:
@@ -55,12 +63,14 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
             first_stage_model); its weights are sent once and reused while the same module comes back.
         data: decode: a LATENT [B, z, h, w] (video VAE: [B, z, T, h, w]) in raw VAE space; encode: an IMAGE
             [B, H, W, 3] in [0, 1] (video VAE: the frames of one video).
-        mode: "exact" (equals the single-process decode) or "tiled" (approximate, bounded memory).
+        mode: "exact" (equals the single-process decode) or "tiled" (approximate, bounded memory; a video VAE's
+            tiles are placed and blended as core VAE Decode (Tiled) / VAE Encode (Tiled) do: video_tiles.py).
         tile_px, overlap_px: tile geometry for tiled mode, in image pixels.
         interrupt: called every few ms on this thread; whatever it raises cancels the job and propagates.
         progress: called with (done, total) as the workers advance; may raise likewise.
         make_room: called once before the workers start, with the pool's devices and an estimate of each
             worker's peak device bytes, so the host can evict its own models from those devices.
+        temporal_size, temporal_overlap: tiled mode with a video VAE: temporal tiles in frames (core's defaults).
     """
     with pool.lock:
         entered = time.time()
@@ -68,8 +78,8 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
         params = ensure_vae(pool, vae, interrupt)
         check_tiles(mode, tile_px, overlap_px, params.downscale)
         video = is_video(params)
-        if video and mode != "exact":
-            raise ValueError(f"mode: '{mode}' is not available for video VAEs yet; use exact.")
+        if video and mode == "tiled":
+            check_temporal_tiles(temporal_size, temporal_overlap, params.time_scale)
         name = "samples" if op == "decode" else "pixels"
         if op == "decode":
             data = (check_video_latent if video else check_latent)(data, params)
@@ -84,16 +94,22 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
             raise non_finite_error(name, data)
         if make_room is not None:
             image_px = out_shape[1] * out_shape[2] if op == "decode" else data.shape[1] * data.shape[2]
+            tile_frames = 1
             if video:  # decode: B videos of out_shape[0] / B frames; encode: the frames of one video
                 frames = out_shape[0] // data.shape[0] if op == "decode" else data.shape[0]
                 image_px *= frames_per_forward(params, frames)
-            make_room(pool.spec.devices, peak_bytes_per_worker(pool.spec, op, image_px, mode, tile_px, video))
+                tile_t = params.frames_out(temporal_size // params.time_scale)  # frames of a temporal tile
+                tile_frames = frames_per_forward(params, min(frames, tile_t))
+            peak = peak_bytes_per_worker(pool.spec, op, image_px, mode, tile_px, video, tile_frames)
+            make_room(pool.spec.devices, peak)
         out_path, out = staging.outputs.acquire(out_shape)
         job = {
             "op": op,
             "mode": mode,
             "tile_px": tile_px,
             "overlap_px": overlap_px,
+            "temporal_size": temporal_size,
+            "temporal_overlap": temporal_overlap,
             "input": in_path,
             "input_shape": list(data.shape),
             "output": out_path,
@@ -132,9 +148,13 @@ def deadline_s(spec, out_shape, op) -> float:
     return spec.timeout_s + SECONDS_PER_MPX[kind] * per_worker_mpx
 
 
-def peak_bytes_per_worker(spec, op: str, image_px: int, mode: str, tile_px: int, video: bool = False) -> int:
-    """A generous estimate of one worker's peak device memory for one batch item (or one frame) of `image_px`."""
-    share = image_px / len(spec.devices) if mode == "exact" else tile_px * tile_px
+def peak_bytes_per_worker(
+    spec, op: str, image_px: int, mode: str, tile_px: int, video: bool = False, tile_frames: int = 1
+) -> int:
+    """A generous estimate of one worker's peak device memory for one batch item (or one frame) of `image_px`; a tile
+    holds `tile_frames` frames at once (a HunyuanVideo temporal tile). Tiled video also holds a float32 blend of a
+    share of the output, small beside this."""
+    share = image_px / len(spec.devices) if mode == "exact" else tile_px * tile_px * tile_frames
     dtype_bytes = 4 if spec.dtype == "fp32" else 2
     per_px = (VIDEO_PEAK_BYTES_PER_PX if video else PEAK_BYTES_PER_PX)[op]
     return int(per_px * share * dtype_bytes / 2 + WORKER_BASE_BYTES)

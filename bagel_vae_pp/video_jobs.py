@@ -93,9 +93,11 @@ def hunyuan_encode(vae: HunyuanVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -
 
 
 def run_job(vae: WanVAE | HunyuanVideoVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
-    if job["mode"] != "exact":  # the host refuses it first; a worker never guesses
-        raise ValueError(f"mode '{job['mode']}' is not available for video VAEs; use exact.")
-    if isinstance(vae, HunyuanVideoVAE):
+    if job["mode"] == "tiled":
+        from . import video_tiles  # here, not at the top: video_tiles builds on this module
+
+        video_tiles.run_tiled(vae, job, inp, out, r)
+    elif isinstance(vae, HunyuanVideoVAE):
         (hunyuan_decode if job["op"] == "decode" else hunyuan_encode)(vae, inp, out, r)
     else:
         (exact_decode if job["op"] == "decode" else exact_encode)(vae, inp, out, r)

@@ -24,7 +24,7 @@ MODE_INPUT = (
         "tooltip": "exact: split by rows with halo exchange, synchronised "
         "GroupNorm and global attention; equals a single-GPU run. tiled: independent "
         "overlapping tiles blended with a feather; approximate, for images too large even "
-        "for exact mode (image VAEs only).",
+        "for exact mode (a video VAE's tiles are placed and blended as VAE Decode (Tiled) / VAE Encode (Tiled) do).",
     },
 )
 TILE_INPUT = (
@@ -41,6 +41,31 @@ OVERLAP_INPUT = (
         "tooltip": "Tiled mode only: overlap between tiles in image pixels (less than half a tile).",
     },
 )
+
+# Optional, so saved workflows without them stay valid; defaults and meaning are core VAE Decode (Tiled)'s.
+TEMPORAL_INPUTS = {
+    "temporal_size": (
+        "INT",
+        {
+            "default": 64,
+            "min": 8,
+            "max": 4096,
+            "step": 4,
+            "tooltip": "Tiled mode with a video VAE only: frames per temporal tile (as VAE Decode (Tiled)).",
+        },
+    ),
+    "temporal_overlap": (
+        "INT",
+        {
+            "default": 8,
+            "min": 4,
+            "max": 4096,
+            "step": 4,
+            "tooltip": "Tiled mode with a video VAE only: frames shared by neighbouring temporal tiles (at most half "
+            "of temporal_size).",
+        },
+    ),
+}
 
 
 def pool_for(spec: PoolSpec | None):
@@ -135,12 +160,14 @@ class DistributedVAEDecode:
                 "tile_size": TILE_INPUT,
                 "overlap": OVERLAP_INPUT,
             },
-            "optional": {"pool": POOL_INPUT},
+            "optional": {"pool": POOL_INPUT, **TEMPORAL_INPUTS},
         }
 
-    def execute(self, samples, vae, mode, tile_size, overlap, pool=None):
+    def execute(self, samples, vae, mode, tile_size, overlap, pool=None, temporal_size=64, temporal_overlap=8):
+        temporal = {"temporal_size": temporal_size, "temporal_overlap": temporal_overlap}
         workers = pool_for(pool)
-        return (workers.decode(host.vae_module(vae), samples["samples"], mode, tile_size, overlap, **host_hooks()),)
+        return (workers.decode(host.vae_module(vae), samples["samples"], mode, tile_size, overlap, **temporal,
+                               **host_hooks()),)  # fmt: skip
 
 
 class DistributedVAEEncode:
@@ -167,11 +194,13 @@ class DistributedVAEEncode:
                 "tile_size": TILE_INPUT,
                 "overlap": OVERLAP_INPUT,
             },
-            "optional": {"pool": POOL_INPUT},
+            "optional": {"pool": POOL_INPUT, **TEMPORAL_INPUTS},
         }
 
-    def execute(self, pixels, vae, mode, tile_size, overlap, pool=None):
-        latent = pool_for(pool).encode(host.vae_module(vae), pixels, mode, tile_size, overlap, **host_hooks())
+    def execute(self, pixels, vae, mode, tile_size, overlap, pool=None, temporal_size=64, temporal_overlap=8):
+        temporal = {"temporal_size": temporal_size, "temporal_overlap": temporal_overlap}
+        latent = pool_for(pool).encode(host.vae_module(vae), pixels, mode, tile_size, overlap, **temporal,
+                                       **host_hooks())  # fmt: skip
         return ({"samples": latent},)
 
 

@@ -137,6 +137,17 @@ class TestVAENodes:
         assert out["samples"].shape == (1, 4, 2, 3, 2)
         torch.testing.assert_close(out["samples"], ref_latent, rtol=0, atol=1e-4 * ref_latent.abs().max().item())
 
+    def test_tiled_video_decode_hands_the_temporal_tiles_to_the_pool(self, pack, cpu2):
+        """The optional temporal inputs reach the pool; left out, they are core VAE Decode (Tiled)'s 64 / 8 frames."""
+        wan, latent = random_wan("tiny", seed=6), torch.randn(1, 4, 3, 5, 6)
+        node = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]()
+        (short,) = node.execute({"samples": latent}, FakeVAE(wan), "tiled", 32, 8, cpu2, 8, 4)
+        (default,) = node.execute({"samples": latent}, FakeVAE(wan), "tiled", 32, 8, cpu2)
+        pool = pack.pool.get_pool(cpu2)
+        assert torch.equal(short, pool.decode(wan, latent, "tiled", 32, 8, temporal_size=8, temporal_overlap=4))
+        assert torch.equal(default, pool.decode(wan, latent, "tiled", 32, 8, temporal_size=64, temporal_overlap=8))
+        assert not torch.equal(short, default)  # 2 temporal tiles against 1
+
     def test_make_room_asks_comfyui_to_free_each_pool_gpu(self, pack):
         pack.host.freed.clear()
         sys.modules[PACK_NAME + ".nodes.host"].make_room(("cuda:1", "cuda:3"), 5 << 30)

@@ -53,8 +53,8 @@ UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 # The lead's node contract, used only while the pack's registry cannot be read (see pack_widgets).
 CONTRACT_WIDGETS = {
     "BagelVAEPP_WorkerPool": ["devices", "dtype", "timeout_s"],
-    "BagelVAEPP_DistributedDecode": ["mode", "tile_size", "overlap"],
-    "BagelVAEPP_DistributedEncode": ["mode", "tile_size", "overlap"],
+    "BagelVAEPP_DistributedDecode": ["mode", "tile_size", "overlap", "temporal_size", "temporal_overlap"],
+    "BagelVAEPP_DistributedEncode": ["mode", "tile_size", "overlap", "temporal_size", "temporal_overlap"],
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 HOST_MODULES = ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.sd", "server")

@@ -19,8 +19,8 @@ def module_frames(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bad_inputs_refused_then_decodes(pool, vae, z: torch.Tensor, more_cases=()) -> None:
-    """A 4-D latent, too few channels, a NaN and tiled mode each get one ValueError naming the problem; then the same
-    pool decodes z as the module does (within 1e-4)."""
+    """A 4-D latent, too few channels, a NaN and a bad temporal tile each get one ValueError naming the problem; then
+    the same pool decodes z as the module does (within 1e-4)."""
     bad = z.clone()
     bad[0, 1, 1, 1, 1] = float("nan")
     cases = [
@@ -28,7 +28,7 @@ def assert_bad_inputs_refused_then_decodes(pool, vae, z: torch.Tensor, more_case
         *more_cases,
         (lambda: pool.decode(vae, z[:, :3]), "the latent has 3 channels but this VAE takes 4"),
         (lambda: pool.decode(vae, bad), "contains 1 NaN/Inf"),
-        (lambda: pool.decode(vae, z, mode="tiled"), "not available for video VAEs yet; use exact"),
+        (lambda: pool.decode(vae, z, mode="tiled", temporal_size=6), "temporal_size/temporal_overlap: got 6/8"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

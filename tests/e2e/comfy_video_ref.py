@@ -3,8 +3,9 @@ test_hunyuan_video_reference.py: ComfyUI's own video VAE on the inputs in IN, ou
 
 IN holds `sd.<key>` (the state dict), `z` (a latent) and `x` (a video for the raw model, or IMAGE frames for the
 core path); MODE is "model" (the raw model of the JSON config's "kind", built with the rest of the config and loaded
-strictly: raw decode/encode) or "core" (comfy.sd.VAE from the state dict, as the VAE Loader builds it:
-VAE.decode/encode). Kinds: "wan2.1" / "wan2.2" (WanVAE of comfy.ldm.wan.vae / vae2_2) and "hunyuan-video"
+strictly: raw decode/encode), "core" (comfy.sd.VAE from the state dict, as the VAE Loader builds it:
+VAE.decode/encode) or "tiled" (the same, VAE.decode_tiled/encode_tiled with the JSON config's "decode" / "encode"
+keyword arguments). Kinds: "wan2.1" / "wan2.2" (WanVAE of comfy.ldm.wan.vae / vae2_2) and "hunyuan-video"
 (comfy's AutoencoderKL with the LDM Encoder/Decoder in 3-D, `conv3d=True, time_compress=4`).
 """
 
@@ -49,7 +50,12 @@ def main(mode: str, inp: str, out: str, config: str) -> None:
 
             vae = comfy.sd.VAE(sd=sd)
             assert vae.vae_dtype == torch.float32, vae.vae_dtype
-            decoded, encoded = vae.decode(tensors["z"]), vae.encode(tensors["x"])
+            if mode == "tiled":
+                tiles = json.loads(config)
+                decoded = vae.decode_tiled(tensors["z"], **tiles["decode"])
+                encoded = vae.encode_tiled(tensors["x"], **tiles["encode"])
+            else:
+                decoded, encoded = vae.decode(tensors["z"]), vae.encode(tensors["x"])
     save_file({"decoded": decoded.contiguous(), "encoded": encoded.contiguous()}, out)
 
 
