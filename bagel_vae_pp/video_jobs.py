@@ -4,8 +4,9 @@
 Layouts are ComfyUI's: a video LATENT is [B, z, T, h, w] float32 in raw VAE space; frames are an IMAGE
 [frames, H, W, 3] in [0, 1] (decode gives B videos' frames one after the other, as core VAE Decode does; encode
 takes one video). Wan's activations run NDHWC where the worker's layout is channels_last (GPUs; video_layout.py).
-Exact mode only: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded`. Wan's ranks agree on the cancel
-flag before each chunk (there is no GroupNorm to carry it); HunyuanVideo's GroupNorms carry it.
+Exact mode: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded`; Wan's ranks agree on the cancel flag
+before each chunk (there is no GroupNorm to carry it), HunyuanVideo's GroupNorms carry it. Tiled mode (core's tiled
+video decode/encode, tiles dealt over the ranks) is `video_tiles.py`.
 """
 
 from __future__ import annotations
