@@ -57,7 +57,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 def elementwise(cfg, tokens: int, device: torch.device, dtype: torch.dtype, repeat: int) -> bool:
     """Each fused op of one layer on vs off; prints a table, returns whether every output matched."""
-    from bagel_vae_pp.bagel import llm
+    from bagel_vae_pp.bagel import experts, llm
 
     g = torch.Generator(device).manual_seed(0)
     D, F = cfg.hidden_size, cfg.intermediate_size
@@ -71,16 +71,16 @@ def elementwise(cfg, tokens: int, device: torch.device, dtype: torch.dtype, repe
         n.weight.data = 1 + 0.1 * rand(dim)
         return n
 
-    rows = llm._Rows(tokens, slice(1, tokens - 1))  # the markers (understanding), then the latent tokens
+    rows = experts.Rows(tokens, slice(1, tokens - 1))  # the markers (understanding), then the latent tokens
     und, gen, qn, qn_gen, kn, kn_gen = norm(D), norm(D), norm(Dh), norm(Dh), norm(Dh), norm(Dh)
     cos, sin = llm.rope_cos_sin(rows.pack(torch.arange(tokens, device=device) % 64), Dh, cfg.rope_theta, dtype)
     x, q, k = rand(tokens, D, scale=3), rand(tokens, H, Dh), rand(tokens, Hkv, Dh)
     gate, up = rand(tokens, F, scale=2), rand(tokens, F)
     ops = {  # name: (fn of fresh inputs, inputs, times a layer)
-        f"RMSNorm [L, {D}]": (lambda t: llm._norm(t, rows, und, gen), (x,), 2),
-        f"q norm + RoPE [L, {H}, {Dh}]": (lambda t: llm._norm_rope(t, cos, sin, rows, qn, qn_gen), (q,), 1),
-        f"k norm + RoPE [L, {Hkv}, {Dh}]": (lambda t: llm._norm_rope(t, cos, sin, rows, kn, kn_gen), (k,), 1),
-        f"silu(gate) * up [L, {F}]": (llm._silu_mul_, (gate, up), 1),
+        f"RMSNorm [L, {D}]": (lambda t: experts.norm(t, rows, und, gen), (x,), 2),
+        f"q norm + RoPE [L, {H}, {Dh}]": (lambda t: experts.norm_rope(t, cos, sin, rows, qn, qn_gen), (q,), 1),
+        f"k norm + RoPE [L, {Hkv}, {Dh}]": (lambda t: experts.norm_rope(t, cos, sin, rows, kn, kn_gen), (k,), 1),
+        f"silu(gate) * up [L, {F}]": (experts.silu_mul_, (gate, up), 1),
     }
     print(f"\n| op ({tokens} tokens) | torch ms | fused ms | speed-up | identical | max diff / max |")
     print("|---|---|---|---|---|---|")

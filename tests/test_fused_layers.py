@@ -1,5 +1,5 @@
 """The fused kernels of BAGEL's decoder layers (kernels/rms_norm.py, qk_norm_rope.py, swiglu.py), interpreted, against
-float64 references written out here that round where the torch path of bagel/llm.py does; and the layers with the
+float64 references written out here that round where the torch path of bagel/experts.py does; and the layers with the
 kernels against the layers without them.
 
 The bound, bf16: bit-identical wherever the result does not hinge on the last fp32 bits of one quantity the kernel
@@ -21,7 +21,7 @@ from kernel_refs import interpreted_kernels, needs_triton, rel_err  # noqa: F401
 
 import bagel_vae_pp.bagel
 from bagel_vae_pp import kernels
-from bagel_vae_pp.bagel import llm
+from bagel_vae_pp.bagel import experts, llm
 from bagel_vae_pp.bagel.config import LLMConfig
 
 BF16 = torch.bfloat16
@@ -45,7 +45,7 @@ def norm64(x, w, scale=1.0):
 
 
 def rope64(y, cos, sin):
-    """RoPE as llm.apply_rope rounds it: round(round(y * cos) + rotate_half(y) * sin); y rounded already."""
+    """RoPE as experts.apply_rope rounds it: round(round(y * cos) + rotate_half(y) * sin); y rounded already."""
     half = y.shape[-1] // 2
     rotated = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
     return rounded(rounded(y * cos.double(), cos.dtype) + rotated * sin.double(), cos.dtype)
@@ -113,26 +113,26 @@ def swiglu_expected(g, u):
 
 
 class TestReferencesAreTheTorchPath:
-    """The references above round where llm.py's torch path does: it meets them under the same bound (its rstd
+    """The references above round where experts.py's torch path does: it meets them under the same bound (its rstd
     and exp differ from float64's in the last bits too)."""
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_norm_and_rope(self, dtype):
         t = activations((9, 7, 128), dtype, seed=7)
         w, w_tail = weights(128, dtype, seed=8)
-        rows = llm._Rows(9, slice(3, 9))  # rows [3:] generation
+        rows = experts.Rows(9, slice(3, 9))  # rows [3:] generation
         und, gen = llm.RMSNorm(128, EPS).to(dtype), llm.RMSNorm(128, EPS).to(dtype)
         und.weight.data, gen.weight.data = w, w_tail
         cos, sin = rope_tables(9, 128, dtype, per_token=True)
-        assert_like_torch(llm._norm(t, rows, und, gen), *norm_expected(t, w, w_tail, 3))
+        assert_like_torch(experts.norm(t, rows, und, gen), *norm_expected(t, w, w_tail, 3))
         assert_like_torch(
-            llm.apply_rope(llm._norm(t, rows, und, gen), cos, sin), *qk_expected(t, cos, sin, w, w_tail, 3)
+            experts.apply_rope(experts.norm(t, rows, und, gen), cos, sin), *qk_expected(t, cos, sin, w, w_tail, 3)
         )
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_swiglu(self, dtype):
         g, u = activations((37, 1001), dtype, seed=9) * 4, activations((37, 1001), dtype, seed=10)
-        assert_like_torch(llm._silu_mul_(g.clone(), u), *swiglu_expected(g, u))
+        assert_like_torch(experts.silu_mul_(g.clone(), u), *swiglu_expected(g, u))
 
 
 def test_the_cpu_path_stays_torch():
@@ -198,10 +198,12 @@ class TestKernels:
 
 @pytest.fixture
 def fused_llm(interp):
-    """llm.py imported afresh next to the interpreted kernels (its `kernels` is theirs), for this test only."""
+    """llm.py and the experts.py it calls imported afresh next to the interpreted kernels (experts.py's `kernels` is
+    theirs), for this test only."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bagel_vae_pp.bagel, "llm", llm)  # restored afterwards, as the sys.modules entry
-        mp.delitem(sys.modules, "bagel_vae_pp.bagel.llm")
+        for name, module in (("experts", experts), ("llm", llm)):
+            mp.setattr(bagel_vae_pp.bagel, name, module)  # restored afterwards, as the sys.modules entries
+            mp.delitem(sys.modules, f"bagel_vae_pp.bagel.{name}")
         yield importlib.import_module("bagel_vae_pp.bagel.llm")
 
 
@@ -217,10 +219,10 @@ def random_model(module, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layers_with_the_kernels_match_the_torch_path(fused_llm, monkeypatch, dtype):
+def test_layers_with_the_kernels_match_the_torch_path(interp, fused_llm, monkeypatch, dtype):
     """Both experts' rows (the gen block mid-sequence, and batched passes), every fused kernel launched; against
     the same model with BAGEL_VAE_PP_FUSED_LAYERS=0."""
-    kernels_pkg = fused_llm.kernels
+    kernels_pkg = interp.kernels  # the package fused_llm's experts.py calls
     calls = {name: 0 for name in ("rms_norm", "qk_norm_rope", "swiglu_")}
 
     def counted(name):

@@ -31,7 +31,7 @@ def is_available(device: torch.device | str) -> bool:
 
 
 def fuses_layers(t: torch.Tensor) -> bool:
-    """Whether BAGEL's decoder layers (bagel/llm.py) run the fused kernels (rms_norm, qk_norm_rope, swiglu) on t: a
+    """Whether BAGEL's decoder layers (bagel/experts.py) run the fused kernels (rms_norm, qk_norm_rope, swiglu) on t: a
     device they run on, bf16 or fp32, contiguous, and LAYER_FUSION_SWITCH not set to "0" (the torch path, for
     comparison: bench/bench_layer_fusion.py)."""
     return (

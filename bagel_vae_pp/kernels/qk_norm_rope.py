@@ -1,5 +1,5 @@
-"""BAGEL's q/k RMSNorm per head followed by RoPE, one read and one write of q (or k) (bagel/llm.py
-`Attention.attend`).
+"""BAGEL's q/k RMSNorm per head followed by RoPE, one read and one write of q (or k) (bagel/experts.py
+`norm_rope`, from llm.py `Attention.attend`).
 
 The torch path: F.rms_norm over each head vector (fp32, rounded), the weight multiply (rounded), then RoPE as
 x * cos (rounded) plus two addcmul passes over the halves (rotate_half(x) * sin added in fp32, rounded): five
@@ -8,7 +8,7 @@ reads each twice, as itself and rotated by half (the second read comes from cach
 finds its partner's normalised value, and writes the result: 4 bytes per element. The output keeps the [N, H, Dh]
 layout the attention call takes as it is (llm.py passes q.transpose(0, 1) to SDPA, a view), over the input, or, given
 an order of the tokens, gathered into that order: batched passes hand each pass's queries to SDPA as one slice
-without the copy that would collect them (llm._Rows.by_pass).
+without the copy that would collect them (experts.Rows.by_pass).
 
 Roundings are torch's, at the same places (kernels/rounding.py): n = round(x * rstd), y = round(n * w),
 out = round(round(y * cos) ± y_partner * sin); the products of bf16 values are exact in fp32 and the sum is rounded

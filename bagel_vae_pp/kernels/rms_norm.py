@@ -1,5 +1,5 @@
 """BAGEL's RMSNorm with its weight, one read and one write of each row (the decoder's input, post-attention and
-final norms; bagel/llm.py `_norm`).
+final norms; bagel/experts.py `norm`).
 
 The torch path makes two passes: F.rms_norm (x * rsqrt(mean(x²) + eps) in fp32, rounded to the model dtype), then
 the weight multiply in place (rounded again), as Qwen2 does: 4 bytes of traffic per bf16 element twice. Here one

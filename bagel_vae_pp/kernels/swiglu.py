@@ -1,4 +1,4 @@
-"""SwiGLU's elementwise part, silu(gate) * up, in one pass written over gate (bagel/llm.py `_swiglu`).
+"""SwiGLU's elementwise part, silu(gate) * up, in one pass written over gate (bagel/experts.py `swiglu`).
 
 The torch path runs F.silu in place on the gate projection and then multiplies by the up projection in place: two
 passes over [L, intermediate] (18944 wide in BAGEL), 10 bytes of traffic per bf16 element. Here: read both once,
