@@ -22,6 +22,7 @@ except ImportError:
 
 EPS = 1e-12  # F.normalize's default
 ELEMENTS = 8192  # per program: rows x padded channels
+HALF_OR_FP32 = (torch.bfloat16, torch.float16, torch.float32)  # float64 (references) keeps the torch path
 
 
 def channels_innermost(x: Tensor) -> bool:
@@ -38,7 +39,7 @@ def channel_rms_norm(x: Tensor, gamma: Tensor, silu: bool = False) -> Tensor:
         gamma: C gains (any shape with C elements, as the checkpoints hold them: [C, 1, 1(, 1)]).
     """
     C = x.shape[1]
-    if not (is_available(x.device) and channels_innermost(x) and x.numel() > 0):
+    if not (is_available(x.device) and x.dtype in HALF_OR_FP32 and channels_innermost(x) and x.numel() > 0):
         y = F.normalize(x, dim=1) * C**0.5 * gamma
         return F.silu(y) if silu else y
     y = torch.empty_like(x)  # preserves the channels-innermost strides
