@@ -5,7 +5,7 @@ python -m bagel_vae_pp.client WORKFLOW --server URL [--set NODE.INPUT=VALUE ...]
 
 It speaks ComfyUI's HTTP API (POST /prompt, POST /upload/image, GET /history/<id>, GET /view) and follows
 the prompt over the websocket (`/ws?clientId=`) until `executing` with `node: null`, as ComfyUI's own
-script_examples do. Standard library only, a small RFC 6455 client included, so it runs from any Python 3.10
+script_examples do. Standard library only (its RFC 6455 client is `websocket.py`), so it runs from any Python 3.10
 without installing anything: the machine that drives a render server needs neither ComfyUI nor torch.
 
 Exit status: 0 done, 1 the prompt failed (execution error, interrupt, timeout), 2 refused (HTTP 400 with the
@@ -15,14 +15,8 @@ node errors printed, or a bad override).
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import mimetypes
-import os
-import socket
-import ssl
-import struct
 import sys
 import time
 import urllib.error
@@ -31,6 +25,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .websocket import WebSocket
 
 # Where --prompt and --seed go, by node type. BAGEL nodes first; core samplers are the fallback for seeds.
 PROMPT_INPUTS = {
@@ -48,7 +44,6 @@ SEED_INPUTS = {
 }
 # Samplers whose `positive` input names the text encoder that --prompt fills when no BAGEL node is present.
 POSITIVE_SAMPLERS = ("KSampler", "KSamplerAdvanced")
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PROGRESS_STEP = 0.1  # print a node's progress every 10% (and at its end)
 
 
@@ -223,106 +218,6 @@ def download_outputs(server: str, history: dict, out_dir: Path) -> list[Path]:
                     path.write_bytes(response.read())
                 saved.append(path)
     return saved
-
-
-# ---- websocket (RFC 6455, client side, enough for ComfyUI's event stream) ----
-
-
-class WebSocket:
-    """A blocking websocket client: text and binary messages, answers pings, masks what it sends.
-
-    `recv()` raises TimeoutError when no whole message arrives in time; bytes read so far stay buffered.
-    """
-
-    def __init__(self, url: str, timeout_s: float = 5.0):
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        self.sock = socket.create_connection((parts.hostname, port), timeout=timeout_s)
-        if parts.scheme == "wss":
-            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=parts.hostname)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        self.sock.sendall(
-            f"GET {path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        self.buf = bytearray()
-        while b"\r\n\r\n" not in self.buf:
-            self.fill()
-        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
-        self.buf = bytearray(rest)
-        status, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
-        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        if " 101 " not in status + " " or headers.get("sec-websocket-accept") != accept:
-            raise ConnectionError(f"websocket handshake with {url} failed: {status}")
-        self.parts: list[bytes] = []  # fragments of a message in progress
-        self.opcode = 0
-
-    def fill(self) -> None:
-        chunk = self.sock.recv(1 << 16)
-        if not chunk:
-            raise ConnectionError("websocket closed by the server")
-        self.buf += chunk
-
-    def frame(self) -> tuple[bool, int, bytes]:
-        """The next whole frame (fin, opcode, payload), consumed from the buffer only once complete."""
-        while True:
-            if len(self.buf) >= 2:
-                fin, opcode, masked, n = self.buf[0] >> 7, self.buf[0] & 0x0F, self.buf[1] >> 7, self.buf[1] & 0x7F
-                start = 2 + {126: 2, 127: 8}.get(n, 0)
-                if len(self.buf) >= start:
-                    if n >= 126:
-                        n = int.from_bytes(self.buf[2:start], "big")
-                    end = start + 4 * masked + n
-                    if len(self.buf) >= end:
-                        payload = bytes(self.buf[start + 4 * masked : end])
-                        if masked:  # servers never mask; accept it anyway
-                            mask = self.buf[start : start + 4]
-                            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-                        del self.buf[:end]
-                        return bool(fin), opcode, payload
-            self.fill()
-
-    def recv(self) -> str | bytes | None:
-        """The next message: str (text) or bytes (binary); None once the server closed the connection."""
-        while True:
-            fin, opcode, payload = self.frame()
-            if opcode == 0x8:
-                self.send(0x8, payload[:2])
-                return None
-            if opcode == 0x9:
-                self.send(0xA, payload)
-                continue
-            if opcode == 0xA:
-                continue
-            if opcode:
-                self.opcode, self.parts = opcode, []
-            self.parts.append(payload)
-            if fin:
-                data = b"".join(self.parts)
-                return data.decode() if self.opcode == 0x1 else data
-
-    def send(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)  # 7-bit length, or 126 + 16-bit, or 127 + 64-bit; the 0x80 bit says "masked"
-        if n < 126:
-            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-        elif n < 1 << 16:
-            head = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
-        else:
-            head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
-        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def settimeout(self, timeout_s: float) -> None:
-        self.sock.settimeout(timeout_s)
-
-    def close(self) -> None:
-        try:
-            self.send(0x8, struct.pack("!H", 1000))
-        except OSError:
-            pass
-        self.sock.close()
 
 
 # ---- following a prompt ----

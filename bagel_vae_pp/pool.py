@@ -1,8 +1,8 @@
 """WorkerPool: one spawned process per device, kept across jobs; the messages, deadlines and faults of every kind
 of job; and the one owned global registry of pools.
 
-The host (ComfyUI's process, or the CLI) is never a rank. It starts `python -m bagel_vae_pp.worker` processes,
-hands each a socket, and waits for replies in short slices so that a dead worker, a stuck collective, or the
+The host (ComfyUI's process, or the CLI) is never a rank. It starts `python -m bagel_vae_pp.worker` processes
+(spawn.py), hands each a socket, and waits for replies in short slices so that a dead worker, a stuck collective, or the
 user's interrupt turns into an error within seconds instead of a hang. A job is one message to every worker,
 tagged with a job id that every reply carries back; a reply of an earlier job is dropped. Whatever raises while
 the host waits (the interrupt, ComfyUI's progress bar on Cancel, a bug) asks every rank to stop at its next layer
@@ -25,9 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,11 +36,11 @@ import torch
 
 from . import shm, vae_job
 from .inputs import parse_devices, resolve_dtype
+from .spawn import spawn_worker, worker_env
 from .staging import Staging
-from .worker import CANCEL, CLEANUP_SIGNALS, DONE, TOTAL
+from .worker import CANCEL, DONE, TOTAL
 
 log = logging.getLogger("bagel_vae_pp")
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 180.0
 CANCEL_GRACE_S = 3.0  # a cancelled job's ranks stop at their next layer; slower than this, the pool restarts
 SHUTDOWN_GRACE_S = 5.0
@@ -73,39 +71,6 @@ class PoolSpec:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s: must be positive, got {timeout_s}.")
         return cls(found, resolve_dtype(dtype, found), float(timeout_s))
-
-
-def worker_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
-    # Rendezvous and collectives on loopback whatever the user's environment says (another interface would let other
-    # hosts reach the ports while the pool starts); every gloo pair connected at start (loopback.py then closes the
-    # listeners); no fixed, public NCCL id.
-    env.update({"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "TORCH_GLOO_LAZY_INIT": "0"})
-    env.pop("NCCL_COMM_ID", None)
-    # NVLink multicast stays off (see BENCHMARKS.md), unless the user says otherwise.
-    for key, value in {
-        "NCCL_NVLS_ENABLE": "0",
-        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-        "NVSHMEM_DISABLE_NVLS": "1",
-    }.items():
-        env.setdefault(key, value)
-    return env
-
-
-def spawn_worker(fd: int, env: dict[str, str]) -> subprocess.Popen:
-    """Start `python -m bagel_vae_pp.worker` on socket `fd`, with SIGTERM and SIGINT blocked: the child inherits
-    this thread's mask, and so does every thread torch starts in it; one thread of the worker takes them."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bagel_vae_pp.worker", "--fd", str(fd)],
-            pass_fds=[fd],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            cwd=PACKAGE_ROOT,
-        )
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class WorkerPool:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bagel_vae_pp import client
+from bagel_vae_pp.websocket import WS_GUID
 
 PROMPT_ID = "p-123"
 BAGEL_T2I = {
@@ -154,7 +155,7 @@ class FakeComfy:
 
             def websocket(self):
                 key = self.headers["Sec-WebSocket-Key"]
-                accept = base64.b64encode(hashlib.sha1((key + client.WS_GUID).encode()).digest()).decode()
+                accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
                 self.send_response(101)
                 self.send_header("Upgrade", "websocket")
                 self.send_header("Connection", "Upgrade")

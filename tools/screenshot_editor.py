@@ -7,7 +7,7 @@ Starts a ComfyUI server (`main.py --cpu` on a free loopback port, every folder i
 directory, this repo loaded as a custom node through an extra_model_paths file, as tests/e2e does), opens the
 editor in headless Chromium, loads each workflows/*.json through the frontend's `app.loadGraphData`, fits the
 view and saves a screenshot over the DevTools protocol. Standard library only; the websocket client is
-bagel_vae_pp.client's. Thumbnails are written as workflows/<name>.jpg, as the template browser expects.
+bagel_vae_pp.websocket. Thumbnails are written as workflows/<name>.jpg, as the template browser expects.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bagel_vae_pp.client import WebSocket  # noqa: E402
+from bagel_vae_pp.websocket import WebSocket  # noqa: E402
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--hide-scrollbars",
