@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from bagel_vae_pp import client
-from bagel_vae_pp.websocket import WS_GUID
 
 PROMPT_ID = "p-123"
 BAGEL_T2I = {
@@ -36,6 +35,8 @@ CORE_SAMPLER = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 1, "positive": ["1", 0], "negative": ["2", 0]}},
 }
 PNG_BYTES = b"\x89PNG\r\n\x1a\nfake image"
+
+RFC6455_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # written out: the server side checks the client's own constant
 
 
 def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -155,7 +156,7 @@ class FakeComfy:
 
             def websocket(self):
                 key = self.headers["Sec-WebSocket-Key"]
-                accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+                accept = base64.b64encode(hashlib.sha1((key + RFC6455_GUID).encode()).digest()).decode()
                 self.send_response(101)
                 self.send_header("Upgrade", "websocket")
                 self.send_header("Connection", "Upgrade")
