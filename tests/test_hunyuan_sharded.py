@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ranks import run_ranks
-from video_checks import assert_bad_inputs_refused_then_decodes, max_rel_err, module_frames
+from video_checks import (
+    assert_bad_inputs_refused_then_decodes,
+    assert_bands_equal_the_module,
+    max_rel_err,
+    module_frames,
+)
 
 from bagel_vae_pp import hunyuan_video
 from bagel_vae_pp.bands import plan_bands
@@ -62,16 +67,7 @@ def test_bands_decode_and_encode_as_the_whole_video(tmp_path, world, h, w):
     run_ranks(rank_main, lambda r: (r, world, store, outs[r], h, w), world, TIMEOUT_S)
     parts = [torch.load(p) for p in outs]
     vae = random_hunyuan_video("tiny", seed=SEED)
-    s = vae.params.downscale
-    z, video = inputs(h, w, s)
-    with torch.inference_mode():
-        ref_decoded, ref_encoded = vae.decode(z), vae.encode(video)
-    decoded = torch.cat([p["decoded"] for p in parts], dim=3)
-    encoded = torch.cat([p["encoded"] for p in parts], dim=3)
-    assert decoded.shape == (1, 3, 9, s * h, s * w)
-    assert encoded.shape == (1, 4, 3, h, w)
-    assert max_rel_err(decoded, ref_decoded) <= 1e-4
-    assert max_rel_err(encoded, ref_encoded) <= 1e-4
+    assert_bands_equal_the_module(parts, vae, *inputs(h, w, vae.params.downscale))
 
 
 CHUNK = 4  # queries per chunk in the attention tests below (SCORE_BUDGET made small): several, the last ragged

@@ -18,6 +18,19 @@ def module_frames(vae, z: torch.Tensor) -> torch.Tensor:
         return ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
 
 
+def assert_bands_equal_the_module(parts: list[dict], vae, z: torch.Tensor, video: torch.Tensor) -> None:
+    """The ranks' row bands (`decoded` / `encoded`, in rank order), stitched along the rows, against the single-process
+    module's decode of z and encode of video (max rel err <= 1e-4)."""
+    with torch.inference_mode():
+        ref_decoded, ref_encoded = vae.decode(z), vae.encode(video)
+    decoded = torch.cat([p["decoded"] for p in parts], dim=3)
+    encoded = torch.cat([p["encoded"] for p in parts], dim=3)
+    assert decoded.shape == (1, 3, video.shape[2], *video.shape[3:])
+    assert encoded.shape == (1, vae.params.z_channels, *z.shape[2:])
+    assert max_rel_err(decoded, ref_decoded) <= 1e-4
+    assert max_rel_err(encoded, ref_encoded) <= 1e-4
+
+
 def assert_bad_inputs_refused_then_decodes(pool, vae, z: torch.Tensor, more_cases=()) -> None:
     """A 4-D latent, too few channels, a NaN and a bad temporal tile each get one ValueError naming the problem; then
     the same pool decodes z as the module does (within 1e-4)."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Every real-server test module: marked `server`, skipped with the reason when no ComfyUI checkout is named.
 SERVER_MARKS = [
@@ -85,6 +86,18 @@ def comfy_run(script: str, tmp_path: Path, mode: str, sd: dict, z, x, config: di
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     return load_file(str(out))
+
+
+def as_core_vae(ours, z, frames):
+    """Our video VAE module called the way comfy.sd.VAE's decode / encode call theirs: decode gives [B, T, H, W, 3]
+    in [0, 1]; encode takes IMAGE frames [T, H, W, 3], centre-cropped to whole latent pixels, as one video."""
+    s = ours.params.downscale
+    H, W = frames.shape[1] - frames.shape[1] % s, frames.shape[2] - frames.shape[2] % s
+    top, left = frames.shape[1] % s // 2, frames.shape[2] % s // 2
+    with torch.inference_mode():
+        decoded = ((ours.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
+        video = frames[:, top : top + H, left : left + W].permute(3, 0, 1, 2)[None] * 2 - 1  # [1, 3, T, H, W]
+        return decoded, ours.encode(video)
 
 
 def max_rel_err(out, ref) -> float:

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from helpers import comfy_run, max_rel_err
+from helpers import as_core_vae, comfy_run, max_rel_err
 
 from bagel_vae_pp.hunyuan_video import random_hunyuan_video
 from bagel_vae_pp.vae_kinds import vae_from_state_dict
@@ -49,11 +49,7 @@ def test_full_size_vae_through_core_decode_and_encode(tmp_path):
     z = torch.randn(1, 16, 2, 3, 2, generator=gen)  # 5 frames of 3 x 2 latent pixels
     frames = torch.rand(9, 3 * s + 3, 2 * s + 2, 3, generator=gen)  # an IMAGE batch: 9 frames, centre-cropped by core
     ref = comfy_run(SCRIPT, tmp_path, "core", sd, z, frames)
-    ours = vae_from_state_dict(sd)  # the very keys comfy.sd.VAE was given
-    with torch.inference_mode():
-        decoded = ((ours.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)  # [B, T, H, W, 3] as VAE.decode
-        video = frames[:, 1 : 3 * s + 1, 1 : 2 * s + 1].permute(3, 0, 1, 2)[None] * 2 - 1  # [1, 3, T, H, W]
-        encoded = ours.encode(video)
+    decoded, encoded = as_core_vae(vae_from_state_dict(sd), z, frames)  # the very keys comfy.sd.VAE was given
     assert decoded.shape == (1, 5, 3 * s, 2 * s, 3)
     assert max_rel_err(decoded, ref["decoded"]) <= 1e-4
     assert max_rel_err(encoded, ref["encoded"]) <= 1e-4
