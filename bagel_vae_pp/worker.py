@@ -32,6 +32,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # GPU workers hold the model and the bands channels_last: cuDNN's 3x3 convs ran 1.3-1.6x faster in NHWC on an
 # H100 (bench/conv_layouts.py). "0" keeps NCHW (for comparisons).
 CHANNELS_LAST_SWITCH = "BAGEL_VAE_PP_CHANNELS_LAST"
+# "1": cuDNN times its algorithms per conv shape on first use (torch.backends.cudnn.benchmark); off by default, as in
+# ComfyUI, since the chosen algorithms may take larger workspaces.
+CUDNN_BENCHMARK_SWITCH = "BAGEL_VAE_PP_CUDNN_BENCHMARK"
 # control tensor slots, shared with the host
 CANCEL, DONE, TOTAL = 0, 1, 2
 # Blocked in every thread of a worker from its start (the host spawns it with them blocked, so the threads torch
@@ -125,6 +128,7 @@ class Worker:
         if self.dtype == torch.float32:  # fp32 asked for is fp32: no TF32 convolutions or matmuls
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = os.environ.get(CUDNN_BENCHMARK_SWITCH, "0") == "1"
         torch.set_num_threads(cpu_threads(self.device, cfg["world"]))
         self.groups = init_group(cfg)
 

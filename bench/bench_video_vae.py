@@ -30,6 +30,7 @@ from bagel_vae_pp.cli import RANDOM_VAES, errors  # noqa: E402
 from bagel_vae_pp.pool import PoolSpec, WorkerPool  # noqa: E402
 from bagel_vae_pp.vae_kinds import in_memory_format  # noqa: E402
 from bagel_vae_pp.video_layout import to_layout  # noqa: E402
+from bagel_vae_pp.worker import CUDNN_BENCHMARK_SWITCH  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -146,7 +147,13 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="W x H: profile one short decode of ours and core's instead")
     p.add_argument("--json", default=None, help="append one JSON line per row")
     p.add_argument("--device", default="cuda:0", help="cpu: a smoke run of the script itself")
+    p.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms, here and in the worker"
+    )
     args = p.parse_args()
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        os.environ[CUDNN_BENCHMARK_SWITCH] = "1"
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     comfy_sd = import_comfy(args.comfyui, device) if args.comfyui else None
     ae = RANDOM_VAES[args.arch]().float()
@@ -156,6 +163,7 @@ def main() -> None:
     skip = set(args.skip.split(","))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     print(json.dumps(info), flush=True)
     sd, s, zc = ae.state_dict(), ae.params.downscale, ae.params.z_channels
     pool = WorkerPool(PoolSpec.parse(str(device.index or 0) if device.type == "cuda" else "cpu", args.dtype, 600))
