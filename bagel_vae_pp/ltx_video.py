@@ -21,6 +21,7 @@ decode takes ComfyUI's LTX LATENT (normalised by the per-channel statistics) and
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ SELECT_KEY = "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight"  # what comfy/
 V2_KEY = "encoder.down_blocks.1.conv.conv.bias"  # version 2's space-to-depth level (v1: a res_x_y)
 STATISTICS = ("std-of-means", "mean-of-means", "mean-of-stds", "mean-of-stds_over_std-of-means", "channel")
 TIMESTEP, NOISE_SCALE = 0.05, 0.025  # core's decode defaults
+# The block config the pool sends along with the weights (JSON bytes, uint8): not a weight, dropped before loading.
+CONFIG_KEY = "bagel_vae_pp.ltx_config"
 # Encoder blocks: kind -> (time stride, space stride, 'conv' | 'space_to_depth' | 'res'). compress_* multiply the
 # channels when their params say so (default 2 for *_res / *_x_y, else 1).
 ENCODER_KINDS = {
@@ -204,6 +207,9 @@ class Whole:
     def noise_rows(self, index: int, x: Tensor) -> Tensor:
         return spatial_noise(self.seed, index, x.shape[-2], x.shape[-1])
 
+    def block_done(self) -> None:
+        pass
+
 
 class Encoder(nn.Module):
     def __init__(self, p: LTXVideoParams):
@@ -289,6 +295,7 @@ def encoder_forward(enc: Encoder, x: Tensor, band, p: LTXVideoParams) -> Tensor:
             x = L.down(block, x, True, band)
         else:
             x = L.conv3d(block, x, True, band)
+        band.block_done()
     x = F.silu(L.norm(enc.conv_norm_out, x, band))
     return L.conv3d(enc.conv_out, x, True, band)[:, : p.latent_channels]
 
@@ -305,6 +312,7 @@ def decoder_forward(dec: Decoder, x: Tensor, band, p: LTXVideoParams, timestep: 
             x = L.resblock(block, x, causal, band)
         else:
             x = L.up(block, x, causal, band)
+        band.block_done()
     x = L.norm(dec.conv_norm_out, x, band)
     if t is not None:
         shift, scale = L.modulation(dec.last_scale_shift_table, dec.last_time_embedder(t, x.dtype), x)
@@ -356,6 +364,8 @@ def detect_params(sd: dict[str, Tensor], config: dict | None = None) -> LTXVideo
     if not has_encoder and not has_decoder:
         raise ValueError(f"vae: no 'encoder.conv_in.conv.weight' or 'decoder.conv_in.conv.weight' in this LTX-Video "
                          f"VAE ({describe_keys(sd)}).")  # fmt: skip
+    if config is None and CONFIG_KEY in sd:
+        config = json.loads(bytes(sd[CONFIG_KEY].tolist()).decode())
     if config is None:
         width = sd[SELECT_KEY].shape[0] if SELECT_KEY in sd else 512
         version = 2 if width == 1024 and V2_KEY in sd else 1 if width == 1024 else 0
@@ -386,6 +396,32 @@ def detect_params(sd: dict[str, Tensor], config: dict | None = None) -> LTXVideo
         has_encoder=has_encoder,
         has_decoder=has_decoder,
     )
+
+
+def module_config(vae: nn.Module) -> dict | None:
+    """The config (ComfyUI's keys) of an LTX-Video VAE module, ours or ComfyUI's first_stage_model (whose Encoder
+    and Decoder keep their block lists as `blocks_desc`), for the pool to send with the weights; None for others."""
+    p = getattr(vae, "params", None)
+    if isinstance(p, LTXVideoParams):
+        paddings = (p.encoder_padding, p.decoder_padding)
+        config = {"encoder_blocks": p.encoder_blocks, "decoder_blocks": p.decoder_blocks, "norm_layer": p.norm_layer,
+                  "patch_size": p.patch_size, "timestep_conditioning": p.timestep_conditioning,
+                  "causal_decoder": p.causal_decoder}  # fmt: skip
+    elif hasattr(vae, "per_channel_statistics") and hasattr(getattr(vae, "decoder", None), "blocks_desc"):
+        enc, dec = vae.encoder, vae.decoder
+        paddings = (enc.conv_in.conv.padding_mode, dec.conv_in.conv.padding_mode)
+        config = {"encoder_blocks": enc.blocks_desc, "decoder_blocks": dec.blocks_desc, "norm_layer": enc.norm_layer,
+                  "patch_size": enc.patch_size, "timestep_conditioning": vae.timestep_conditioning,
+                  "causal_decoder": dec.causal}  # fmt: skip
+    else:
+        return None
+    if paddings != ("zeros", "reflect"):  # a config's one mode for both
+        config["spatial_padding_mode"] = paddings[1]
+    return config
+
+
+def config_tensor(config: dict) -> Tensor:
+    return torch.frombuffer(bytearray(json.dumps(config).encode()), dtype=torch.uint8)
 
 
 def config_params(version: int, base_channels: int = 128, **changes) -> LTXVideoParams:

@@ -19,6 +19,7 @@ from helpers import comfy_run, max_rel_err
 
 from bagel_vae_pp import ltx_video
 from bagel_vae_pp.autoencoder import load_strict
+from bagel_vae_pp.vae_kinds import vae_from_state_dict
 
 SCRIPT = "comfy_ltx_ref.py"
 pytestmark = [
@@ -100,10 +101,11 @@ def test_versions_are_comfyuis_guesses(tmp_path):
 
 
 def test_full_size_version_0_through_core(tmp_path):
-    vae = ltx_video.random_ltx_video(0, seed=4)
+    sd = ltx_video.random_ltx_video(0, seed=4).state_dict()
+    vae = vae_from_state_dict(sd)  # the version read off the weights, as the pool's workers do
     z, frames = inputs(1)
     decoded, encoded, noise = ours_as_core(vae, z, frames, seed=0)
-    ref = comfy_run(SCRIPT, tmp_path, "core", vae.state_dict(), z, frames, extra=noise)
+    ref = comfy_run(SCRIPT, tmp_path, "core", sd, z, frames, extra=noise)
     assert decoded.shape == (1, 9, 96, 64, 3) and encoded.shape == (1, 128, 2, 2, 3)
     assert max_rel_err(decoded, ref["decoded"]) <= 1e-4
     assert max_rel_err(encoded, ref["encoded"]) <= 1e-4
