@@ -21,6 +21,7 @@ import torch
 from .autoencoder import random_autoencoder
 from .bagel.cli import add_bagel_parser, run_bagel
 from .hunyuan_video import random_hunyuan_video
+from .ltx_video import random_ltx_video
 from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
 from .vae_kinds import is_video, vae_from_state_dict
 from .wan import random_wan
@@ -32,6 +33,7 @@ RANDOM_VAES = {
     "wan2.1": lambda: random_wan("wan2.1"),
     "wan2.2": lambda: random_wan22("wan2.2"),
     "hunyuan-video": lambda: random_hunyuan_video("hunyuan-video"),
+    "ltx-video": lambda: random_ltx_video(0),  # version 0, the smallest (0.4 G parameters; 1 and 2: 0.9 and 1.2 G)
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .autoencoder import AutoEncoderParams
+from .ltx_video import LTXVideoParams
 
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
 MODES = ("exact", "tiled")
@@ -116,6 +117,11 @@ def prepare_pixels(pixels: Tensor, params) -> Tensor:
     s = params.downscale
     if B == 0:
         raise ValueError("pixels: the batch is empty (0 images).")
+    if isinstance(params, LTXVideoParams) and (B - 1) % params.time_scale:
+        raise ValueError(  # core's message (comfy's LTX VideoVAE.encode), with the count found
+            "pixels: Invalid number of frames: Encode input must have 1 + 8 * x frames (e.g., 1, 9, 17, ...), got "
+            f"{B}. Please check your input."
+        )
     if H < s or W < s:
         raise ValueError(f"pixels: the image is {W}x{H}; the VAE needs at least {s}x{s} pixels.")
     top, left = (H % s) // 2, (W % s) // 2

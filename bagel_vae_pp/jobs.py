@@ -19,6 +19,7 @@ from .bands import blend_weights, plan_bands, plan_tile_rows, plan_tiles
 from .collectives import JobCancelled, Shard, agree_cancel
 from .graphs import GraphCache
 from .hunyuan_video import HunyuanVideoVAE
+from .ltx_video import LTXVideoVAE
 from .sharded import count_layers, decode_band, encode_band
 from .wan import WanVAE
 
@@ -197,7 +198,7 @@ def tiled_encode(ae, pixels: Tensor, out: Tensor, r: Rank, tile_px: int, overlap
 
 def run_job(ae: AutoEncoder, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
     with torch.inference_mode():
-        if isinstance(ae, (WanVAE, HunyuanVideoVAE)):
+        if isinstance(ae, (WanVAE, HunyuanVideoVAE, LTXVideoVAE)):
             from . import video_jobs  # here, not at the top: video_jobs builds on this module
 
             video_jobs.run_job(ae, job, inp, out, r)

@@ -10,7 +10,7 @@ import weakref
 
 from torch import nn
 
-from . import shm
+from . import ltx_video, shm
 from .autoencoder import strip_prefixes
 from .inputs import (
     check_latent,
@@ -20,6 +20,7 @@ from .inputs import (
     non_finite_error,
     prepare_pixels,
 )
+from .ltx_video import LTXVideoParams
 from .vae_kinds import detect_params, frames_per_forward, is_video
 
 LOAD_TIMEOUT_S = 180.0
@@ -42,6 +43,9 @@ def ensure_vae(pool, vae: nn.Module, interrupt=None):
         return held[1]
     pool.holding.pop("vae", None)  # a load that fails or is cancelled half way leaves the workers with none
     sd = strip_prefixes({k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()})
+    config = ltx_video.module_config(vae)  # the one VAE whose blocks are not all in its weights
+    if config is not None:
+        sd[ltx_video.CONFIG_KEY] = ltx_video.config_tensor(config)
     params = detect_params(sd)
     path = pool.staging.write_weights(sd, pool.job_id + 1)
     try:
@@ -53,7 +57,7 @@ def ensure_vae(pool, vae: nn.Module, interrupt=None):
 
 
 def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, make_room, temporal_size=64,
-        temporal_overlap=8):  # fmt: skip
+        temporal_overlap=8, seed=0):  # fmt: skip
     """Decode a LATENT or encode an IMAGE across the pool's workers.
 
     Args:
@@ -71,6 +75,7 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
         make_room: called once before the workers start, with the pool's devices and an estimate of each
             worker's peak device bytes, so the host can evict its own models from those devices.
         temporal_size, temporal_overlap: tiled mode with a video VAE: temporal tiles in frames (core's defaults).
+        seed: the LTX-Video VAE's decode noise (ltx_video.py); other VAEs draw none.
     """
     with pool.lock:
         entered = time.time()
@@ -78,6 +83,8 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
         params = ensure_vae(pool, vae, interrupt)
         check_tiles(mode, tile_px, overlap_px, params.downscale)
         video = is_video(params)
+        if mode == "tiled" and isinstance(params, LTXVideoParams):
+            raise ValueError("mode: tiled mode does not run the LTX-Video VAE yet; use exact mode for it.")
         if video and mode == "tiled":
             check_temporal_tiles(temporal_size, temporal_overlap, params.time_scale)
         name = "samples" if op == "decode" else "pixels"
@@ -110,6 +117,7 @@ def run(pool, op, vae, data, mode, tile_px, overlap_px, interrupt, progress, mak
             "overlap_px": overlap_px,
             "temporal_size": temporal_size,
             "temporal_overlap": temporal_overlap,
+            "seed": seed,
             "input": in_path,
             "input_shape": list(data.shape),
             "output": out_path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import autoencoder, hunyuan_video, wan, wan22
+from . import autoencoder, hunyuan_video, ltx_video, wan, wan22
 from .video_layout import NDHWC
 
 # kind -> (config read off the weights, model class)
@@ -18,10 +18,7 @@ KINDS = {
     "wan2.1": (wan.detect_params, wan.WanVAE),
     "wan2.2": (wan22.detect_params, wan22.WanVAE22),
     "hunyuan-video": (hunyuan_video.detect_params, hunyuan_video.HunyuanVideoVAE),
-}
-# Video VAEs ComfyUI loads, by a key only they carry.
-NOT_YET = {
-    "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": "an LTX-Video VAE",
+    "ltx-video": (ltx_video.detect_params, ltx_video.LTXVideoVAE),
 }
 # HunyuanVideo's VAE, by its 3-D conv_in; one with 32 latent channels is HunyuanVideo 1.5's, another model.
 HUNYUAN_KEYS = ("decoder.conv_in.conv.weight", "encoder.conv_in.conv.weight")
@@ -35,14 +32,10 @@ WAN22_KEYS = (
 
 
 def detect_kind(sd: dict[str, Tensor]) -> str:
-    """'ldm', 'wan2.1', 'wan2.2' or 'hunyuan-video' for a state dict with prefixes stripped; a ValueError for the
-    video VAEs not run yet."""
-    for key, what in NOT_YET.items():
-        if key in sd:
-            raise ValueError(
-                f"vae: this is {what} (it has '{key}'); Distributed VAE Decode/Encode runs LDM/FLUX image VAEs and "
-                "the Wan 2.1 and 2.2 and HunyuanVideo VAEs so far. Use core VAE Decode / VAE Encode for it."
-            )
+    """'ldm', 'wan2.1', 'wan2.2', 'hunyuan-video' or 'ltx-video' for a state dict with prefixes stripped; a
+    ValueError for the video VAEs not run yet (HunyuanVideo 1.5's)."""
+    if ltx_video.SELECT_KEY in sd:
+        return "ltx-video"
     if any(k in sd for k in HUNYUAN_KEYS):
         for key, (dim, channels) in HUNYUAN15_CHANNELS.items():
             if key in sd and sd[key].shape[dim] == channels:
@@ -58,15 +51,16 @@ def detect_kind(sd: dict[str, Tensor]) -> str:
 
 
 def detect_params(sd: dict[str, Tensor]):
-    """The configuration of whichever supported VAE `sd` holds (AutoEncoderParams, WanParams or
-    HunyuanVideoParams)."""
+    """The configuration of whichever supported VAE `sd` holds (AutoEncoderParams, WanParams, HunyuanVideoParams or
+    LTXVideoParams)."""
     return KINDS[detect_kind(sd)][0](sd)
 
 
 def vae_from_state_dict(
     sd: dict[str, Tensor], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """Build the model the weights describe (AutoEncoder, WanVAE(22) or HunyuanVideoVAE) and load them strictly.
+    """Build the model the weights describe (AutoEncoder, WanVAE(22), HunyuanVideoVAE or LTXVideoVAE) and load them
+    strictly.
 
     Args:
         sd: a state dict as ComfyUI's VAE Loader holds it, optionally under `first_stage_model.` / `vae.`.
@@ -75,23 +69,27 @@ def vae_from_state_dict(
     """
     sd = autoencoder.strip_prefixes(sd)
     detect, model_class = KINDS[detect_kind(sd)]
-    return autoencoder.load_strict(model_class, detect(sd), sd, device, dtype)
+    params = detect(sd)
+    sd.pop(ltx_video.CONFIG_KEY, None)  # an LTX-Video VAE's config, sent along by the pool
+    return autoencoder.load_strict(model_class, params, sd, device, dtype)
 
 
 def is_video(params) -> bool:
-    return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams))
+    return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams, ltx_video.LTXVideoParams))
 
 
 def frames_per_forward(params, frames: int) -> int:
     """How many of a video's `frames` one forward holds at once: a Wan VAE runs chunk by chunk (its per-frame memory
-    figure covers a chunk and its caches), the HunyuanVideo VAE runs the whole video in one forward, as ComfyUI's."""
-    return frames if isinstance(params, hunyuan_video.HunyuanVideoParams) else 1
+    figure covers a chunk and its caches), the HunyuanVideo and LTX-Video VAEs run the whole video in one forward, as
+    ComfyUI's."""
+    return frames if isinstance(params, (hunyuan_video.HunyuanVideoParams, ltx_video.LTXVideoParams)) else 1
 
 
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
     """The model in the worker's layout: channels_last on GPUs, which for a Wan VAE means its 3-D conv weights
     channels_last_3d (its activations run NDHWC: video_layout.py) and its 2-D ones channels_last. The HunyuanVideo
-    VAE stays contiguous (its GroupNorm statistics kernels read NCDHW)."""
+    VAE stays contiguous (its GroupNorm statistics kernels read NCDHW), and so does the LTX-Video VAE (no NDHWC path
+    written for it yet)."""
     if not is_video(model.params):
         return model.to(memory_format=memory_format)
     if memory_format == torch.channels_last and isinstance(model.params, wan.WanParams):

@@ -1,11 +1,12 @@
 """One rank's share of a video VAE job: its rows of every frame, written straight into the host's output (Wan 2.1 /
-2.2 chunk by chunk as each finishes; HunyuanVideo in one forward over all frames, as ComfyUI runs it).
+2.2 chunk by chunk as each finishes; HunyuanVideo and LTX-Video in one forward over all frames, as ComfyUI runs them).
 
 Layouts are ComfyUI's: a video LATENT is [B, z, T, h, w] float32 in raw VAE space; frames are an IMAGE
 [frames, H, W, 3] in [0, 1] (decode gives B videos' frames one after the other, as core VAE Decode does; encode
 takes one video). Wan's activations run NDHWC where the worker's layout is channels_last (GPUs; video_layout.py).
-Exact mode: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded`; Wan's ranks agree on the cancel flag
-before each chunk (there is no GroupNorm to carry it), HunyuanVideo's GroupNorms carry it. Tiled mode (core's tiled
+Exact mode: `sharded`-style bands through `wan_sharded` / `hunyuan_sharded` / `ltx_sharded`; Wan's ranks agree on
+the cancel flag before each chunk (there is no GroupNorm to carry it), LTX-Video's after each block, HunyuanVideo's
+GroupNorms carry it. LTX-Video's decode noise comes from the job's `seed` (ltx_video.py). Tiled mode (core's tiled
 video decode/encode, tiles dealt over the ranks) is `video_tiles.py`.
 """
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import hunyuan_sharded
+from . import hunyuan_sharded, ltx_sharded
 from .bands import plan_bands
 from .collectives import agree_cancel
 from .hunyuan_video import HunyuanVideoVAE
 from .jobs import Rank, band_shard, progress_counter
+from .ltx_video import LTXVideoVAE
 from .video_layout import to_layout
 from .wan import WanVAE, time_chunks
 from .wan_sharded import decode_chunk, encode_chunk
@@ -93,12 +95,40 @@ def hunyuan_encode(vae: HunyuanVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -
     out[0, :, :, a // s : b // s].copy_(hunyuan_sharded.encode_band(vae, x.to(r.dtype), shard)[0])
 
 
-def run_job(vae: WanVAE | HunyuanVideoVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
+def ltx_decode(vae: LTXVideoVAE, latent: Tensor, out: Tensor, r: Rank, seed: int) -> None:
+    B, _, _, h, _ = latent.shape
+    s = vae.params.downscale
+    bands = plan_bands(h, r.world)
+    shard = band_shard(r, bands, 1, progress_counter(r, B * ltx_sharded.count_layers(vae, "decode")))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    video = out.view(B, -1, *out.shape[1:])  # [B, frames, H, W, 3]
+    noised = vae.noised(latent, seed)  # the whole latent's noise, the same on every rank: before taking the rows
+    for i in range(B):
+        z = noised[i : i + 1, :, :, a:b].to(r.device, r.dtype)  # [1, z, T, rows, w]
+        video[i, :, a * s : b * s].copy_(to_frames(ltx_sharded.decode_band(vae, z, shard, seed)[0]))
+
+
+def ltx_encode(vae: LTXVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
+    s = vae.params.downscale
+    bands = plan_bands(pixels.shape[1], r.world, unit=s)
+    shard = band_shard(r, bands, s, progress_counter(r, ltx_sharded.count_layers(vae, "encode")))
+    if shard is None:
+        return
+    a, b = bands[r.rank]
+    x = pixels[:, a:b].to(r.device).permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # [1, 3, frames, rows, W]
+    out[0, :, :, a // s : b // s].copy_(ltx_sharded.encode_band(vae, x.to(r.dtype), shard)[0])
+
+
+def run_job(vae: WanVAE | HunyuanVideoVAE | LTXVideoVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
     if job["mode"] == "tiled":
         from . import video_tiles  # here, not at the top: video_tiles builds on this module
 
         video_tiles.run_tiled(vae, job, inp, out, r)
     elif isinstance(vae, HunyuanVideoVAE):
         (hunyuan_decode if job["op"] == "decode" else hunyuan_encode)(vae, inp, out, r)
+    elif isinstance(vae, LTXVideoVAE):
+        ltx_decode(vae, inp, out, r, job.get("seed", 0)) if job["op"] == "decode" else ltx_encode(vae, inp, out, r)
     else:
         (exact_decode if job["op"] == "decode" else exact_encode)(vae, inp, out, r)

@@ -73,12 +73,15 @@ def run_ok(server, prompt):
     return run
 
 
-def comfy_run(script: str, tmp_path: Path, mode: str, sd: dict, z, x, config: dict | None = None) -> dict:
-    """Run tests/e2e/`script` under ComfyUI's Python (cwd: COMFYUI_PATH) on a state dict and inputs; its outputs."""
+def comfy_run(
+    script: str, tmp_path: Path, mode: str, sd: dict, z, x, config: dict | None = None, extra: dict | None = None
+) -> dict:
+    """Run tests/e2e/`script` under ComfyUI's Python (cwd: COMFYUI_PATH) on a state dict and inputs (and `extra`
+    tensors, by name); its outputs."""
     from safetensors.torch import load_file, save_file
 
     inp, out = tmp_path / f"{mode}_in.safetensors", tmp_path / f"{mode}_out.safetensors"
-    save_file({**{f"sd.{k}": v.contiguous() for k, v in sd.items()}, "z": z, "x": x}, str(inp))
+    save_file({**{f"sd.{k}": v.contiguous() for k, v in sd.items()}, "z": z, "x": x, **(extra or {})}, str(inp))
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     done = subprocess.run(
         [python, str(Path(__file__).with_name(script)), mode, str(inp), str(out), json.dumps(config or {})],
