@@ -21,7 +21,7 @@ import torch
 from .autoencoder import random_autoencoder
 from .bagel.cli import add_bagel_parser, run_bagel
 from .hunyuan_video import random_hunyuan_video
-from .ltx_video import random_ltx_video
+from .ltx_video import LTXVideoVAE, random_ltx_video
 from .pool import PoolSpec, WorkerError, get_pool, shutdown_all
 from .vae_kinds import is_video, vae_from_state_dict
 from .wan import random_wan
@@ -95,7 +95,7 @@ def timed(fn, repeat: int, device: torch.device):
     return result, 1000 * statistics.median(times)
 
 
-def single_process(ae, op, data, device, dtype, model=None):
+def single_process(ae, op, data, device, dtype, model=None, seed=0):
     """The plain full-image forward in this process, in ComfyUI's layouts, as the reference path.
 
     Runs on a copy (or on `model`, a copy made earlier): casting `ae` itself to bf16 and back would round the
@@ -104,7 +104,8 @@ def single_process(ae, op, data, device, dtype, model=None):
     model = model or copy.deepcopy(ae).to(device, dtype)
     with torch.inference_mode():
         if op == "decode":
-            x = model.decode(data.to(device, dtype))
+            noise = {"seed": seed} if isinstance(model, LTXVideoVAE) else {}  # the one VAE that draws noise
+            x = model.decode(data.to(device, dtype), **noise)
             if x.ndim == 5:  # [B, 3, T, H, W]: the frames one video after the other, as core VAE Decode gives them
                 x = x.transpose(1, 2).flatten(0, 1)
             return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
@@ -116,20 +117,24 @@ def single_process(ae, op, data, device, dtype, model=None):
 
 def bench_op(ae, op, data, args, device) -> list[dict]:
     """Single process (full image, in --dtype) and the pool, both against the single-process fp32 result."""
-    ref = single_process(ae, op, data, device, torch.float32)
+    ref = single_process(ae, op, data, device, torch.float32, seed=args.seed)
     base = {"op": op, "size": args.size, "batch": args.batch, "frames": args.frames, "dtype": args.dtype}
     base["device"] = args.device
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the peak is what the allocator holds: start from nothing cached
         torch.cuda.reset_peak_memory_stats(device)
     model = copy.deepcopy(ae).to(device, DTYPES[args.dtype])
-    out, ms = timed(lambda: single_process(ae, op, data, device, DTYPES[args.dtype], model), args.repeat, device)
+    out, ms = timed(
+        lambda: single_process(ae, op, data, device, DTYPES[args.dtype], model, args.seed), args.repeat, device
+    )
     peak = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
     rows = [{**base, "mode": "full", "workers": 1, "ms": ms, "peak_gib": peak, **errors(out, ref)}]
     pool = get_pool(PoolSpec.parse(pool_devices(args), args.dtype, args.timeout_s))
     run = pool.decode if op == "decode" else pool.encode
     kwargs = {"mode": args.mode, "tile_px": args.tile, "overlap_px": args.overlap}
     kwargs |= {"temporal_size": args.temporal_size, "temporal_overlap": args.temporal_overlap}
+    if op == "decode":
+        kwargs["seed"] = args.seed
     run(ae, data, **kwargs)  # warm-up: starts workers, sends weights
     out, ms = timed(lambda: run(ae, data, **kwargs), args.repeat, torch.device("cpu"))
     peaks = [r.get("peak_bytes") for r in pool.last_replies]
@@ -186,6 +191,7 @@ def main(argv=None) -> int:
     b.add_argument("--overlap", type=int, default=64, help="tiled mode: overlap in pixels")
     b.add_argument("--temporal-size", type=int, default=64, help="tiled mode, video VAEs: frames per temporal tile")
     b.add_argument("--temporal-overlap", type=int, default=8, help="tiled mode, video VAEs: frames of overlap")
+    b.add_argument("--seed", type=int, default=0, help="LTX-Video VAE: the seed of its decode noise")
     b.add_argument("--repeat", type=int, default=3, help="timed runs per case (median reported)")
     b.add_argument("--timeout-s", type=float, default=120.0)
     b.add_argument("--vae", default=None, help="a VAE .safetensors file (default: a random VAE of --vae-arch)")

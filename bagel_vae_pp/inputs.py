@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .autoencoder import AutoEncoderParams
-from .ltx_video import LTXVideoParams
+from .ltx_config import LTXVideoParams
 
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
 MODES = ("exact", "tiled")

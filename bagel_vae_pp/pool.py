@@ -317,12 +317,12 @@ class WorkerPool:
         return replies
 
     def decode(self, vae, latent, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None,
-               make_room=None, temporal_size=64, temporal_overlap=8):  # fmt: skip
+               make_room=None, temporal_size=64, temporal_overlap=8, seed=0):  # fmt: skip
         """Decode a ComfyUI LATENT across the workers: see `vae_job.run` for the arguments.
 
         Returns: IMAGE [B, 8h, 8w, 3] float32 in [0, 1], on CPU."""
         return vae_job.run(self, "decode", vae, latent, mode, tile_px, overlap_px, interrupt, progress, make_room,
-                           temporal_size, temporal_overlap)  # fmt: skip
+                           temporal_size, temporal_overlap, seed)  # fmt: skip
 
     def encode(self, vae, pixels, mode="exact", tile_px=1024, overlap_px=128, interrupt=None, progress=None,
                make_room=None, temporal_size=64, temporal_overlap=8):  # fmt: skip

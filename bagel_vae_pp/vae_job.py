@@ -10,7 +10,7 @@ import weakref
 
 from torch import nn
 
-from . import ltx_video, shm
+from . import ltx_config, shm
 from .autoencoder import strip_prefixes
 from .inputs import (
     check_latent,
@@ -20,7 +20,7 @@ from .inputs import (
     non_finite_error,
     prepare_pixels,
 )
-from .ltx_video import LTXVideoParams
+from .ltx_config import LTXVideoParams
 from .vae_kinds import detect_params, frames_per_forward, is_video
 
 LOAD_TIMEOUT_S = 180.0
@@ -43,9 +43,9 @@ def ensure_vae(pool, vae: nn.Module, interrupt=None):
         return held[1]
     pool.holding.pop("vae", None)  # a load that fails or is cancelled half way leaves the workers with none
     sd = strip_prefixes({k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()})
-    config = ltx_video.module_config(vae)  # the one VAE whose blocks are not all in its weights
+    config = ltx_config.module_config(vae)  # the one VAE whose blocks are not all in its weights
     if config is not None:
-        sd[ltx_video.CONFIG_KEY] = ltx_video.config_tensor(config)
+        sd[ltx_config.CONFIG_KEY] = ltx_config.config_tensor(config)
     params = detect_params(sd)
     path = pool.staging.write_weights(sd, pool.job_id + 1)
     try:

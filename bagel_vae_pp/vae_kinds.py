@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import autoencoder, hunyuan_video, ltx_video, wan, wan22
+from . import autoencoder, hunyuan_video, ltx_config, ltx_video, wan, wan22
 from .video_layout import NDHWC
 
 # kind -> (config read off the weights, model class)
@@ -18,7 +18,7 @@ KINDS = {
     "wan2.1": (wan.detect_params, wan.WanVAE),
     "wan2.2": (wan22.detect_params, wan22.WanVAE22),
     "hunyuan-video": (hunyuan_video.detect_params, hunyuan_video.HunyuanVideoVAE),
-    "ltx-video": (ltx_video.detect_params, ltx_video.LTXVideoVAE),
+    "ltx-video": (ltx_config.detect_params, ltx_video.LTXVideoVAE),
 }
 # HunyuanVideo's VAE, by its 3-D conv_in; one with 32 latent channels is HunyuanVideo 1.5's, another model.
 HUNYUAN_KEYS = ("decoder.conv_in.conv.weight", "encoder.conv_in.conv.weight")
@@ -34,7 +34,7 @@ WAN22_KEYS = (
 def detect_kind(sd: dict[str, Tensor]) -> str:
     """'ldm', 'wan2.1', 'wan2.2', 'hunyuan-video' or 'ltx-video' for a state dict with prefixes stripped; a
     ValueError for the video VAEs not run yet (HunyuanVideo 1.5's)."""
-    if ltx_video.SELECT_KEY in sd:
+    if ltx_config.SELECT_KEY in sd:
         return "ltx-video"
     if any(k in sd for k in HUNYUAN_KEYS):
         for key, (dim, channels) in HUNYUAN15_CHANNELS.items():
@@ -70,19 +70,19 @@ def vae_from_state_dict(
     sd = autoencoder.strip_prefixes(sd)
     detect, model_class = KINDS[detect_kind(sd)]
     params = detect(sd)
-    sd.pop(ltx_video.CONFIG_KEY, None)  # an LTX-Video VAE's config, sent along by the pool
+    sd.pop(ltx_config.CONFIG_KEY, None)  # an LTX-Video VAE's config, sent along by the pool
     return autoencoder.load_strict(model_class, params, sd, device, dtype)
 
 
 def is_video(params) -> bool:
-    return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams, ltx_video.LTXVideoParams))
+    return isinstance(params, (wan.WanParams, hunyuan_video.HunyuanVideoParams, ltx_config.LTXVideoParams))
 
 
 def frames_per_forward(params, frames: int) -> int:
     """How many of a video's `frames` one forward holds at once: a Wan VAE runs chunk by chunk (its per-frame memory
     figure covers a chunk and its caches), the HunyuanVideo and LTX-Video VAEs run the whole video in one forward, as
     ComfyUI's."""
-    return frames if isinstance(params, (hunyuan_video.HunyuanVideoParams, ltx_video.LTXVideoParams)) else 1
+    return frames if isinstance(params, (hunyuan_video.HunyuanVideoParams, ltx_config.LTXVideoParams)) else 1
 
 
 def in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import statistics
 import sys
@@ -50,6 +51,24 @@ def import_comfy(path: str, device):
         sys.argv = argv
 
 
+class TiledFallback(logging.Handler):
+    """Notes whether ComfyUI's VAE.decode ran out of memory and retried tiled (it only logs a warning)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record) -> None:
+        self.seen |= "tiled" in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+
+
 class Core:
     """ComfyUI's VAE as its VAE Loader builds it from the state dict; decode/encode as core's nodes call them."""
 
@@ -58,8 +77,17 @@ class Core:
         self.name = f"ComfyUI VAE {self.vae.vae_dtype}"
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latent)
+        with TiledFallback() as watch:
+            images = self.vae.decode(latent)
+        self.went_tiled = watch.seen
         return images.reshape(-1, *images.shape[-3:])  # VAEDecode flattens [B, T, H, W, 3]
+
+    @torch.inference_mode()
+    def raw_decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's model on the whole latent, without VAE.decode's tiled retry: the reference must not be tiled."""
+        self.vae.patcher.model.to(self.vae.device)
+        x = self.vae.first_stage_model.decode(latent.to(self.vae.device, self.vae.vae_dtype))
+        return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1).cpu()
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(frames)
@@ -176,11 +204,14 @@ def main() -> None:
             for op in args.ops.split(","):
                 base = {**info, "arch": args.arch, "op": op, "size": f"{w}x{h}", "frames": 1 + 4 * (t - 1)}
                 ref_runner = Core(comfy_sd, sd, torch.float32) if comfy_sd else Ours(ae, torch.float32, device)
+                ref_decode = ref_runner.raw_decode if comfy_sd else ref_runner.decode
                 if op == "encode" and frames is None:
-                    frames = ref_runner.decode(latent)  # realistic pixels: the reference decode of the latent
+                    frames = ref_decode(latent)  # realistic pixels: the reference decode of the latent
                 data = latent if op == "decode" else frames
-                ref, ms, peak = timed(getattr(ref_runner, op), data, 0, device)
+                ref, ms, peak = timed(ref_decode if op == "decode" else ref_runner.encode, data, 0, device)
                 del ref_runner
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 print(f"fp32 reference ({'ComfyUI' if comfy_sd else 'engine'}) {op} {w}x{h}: {ms:.0f} ms", flush=True)
                 if op == "decode":
                     frames = ref
@@ -197,7 +228,10 @@ def main() -> None:
                     except Exception as e:
                         print(f"{op} {w}x{h}: {type(e).__name__}: {e}", flush=True)
                         continue
-                    rows.append(emit({**base, "impl": r.name, "ms": ms, "peak_gib": peak, **errors(out, ref)}, args))
+                    row = {**base, "impl": r.name, "ms": ms, "peak_gib": peak, **errors(out, ref)}
+                    if getattr(r, "went_tiled", False):
+                        row["impl"] += " (ran out of memory, retried tiled)"
+                    rows.append(emit(row, args))
                     del r, out
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -66,6 +66,19 @@ TEMPORAL_INPUTS = {
         },
     ),
 }
+# Optional too; only the LTX-Video VAE draws noise when it decodes (core draws it unseeded, a new picture each time).
+SEED_INPUT = {
+    "seed": (
+        "INT",
+        {
+            "default": 0,
+            "min": 0,
+            "max": 0xFFFFFFFFFFFFFFFF,
+            "tooltip": "LTX-Video VAE only: the seed of the noise its decoder adds (the same frames for the same "
+            "seed, on any number of GPUs). Other VAEs ignore it.",
+        },
+    ),
+}
 
 
 def pool_for(spec: PoolSpec | None):
@@ -143,8 +156,9 @@ class DistributedVAEDecode:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Decodes latents to images with the VAE split across several GPUs (or CPU workers); a video latent "
-        "(Wan 2.1 / 2.2 VAE) to its frames, one video after the other, as VAE Decode returns them. Exact mode gives "
-        "the same image as VAE Decode on one device, with a fraction of the memory on each."
+        "(Wan 2.1 / 2.2, HunyuanVideo or LTX-Video VAE) to its frames, one video after the other, as VAE Decode "
+        "returns them. Exact mode gives the same image as VAE Decode on one device, with a fraction of the memory on "
+        "each."
     )
     FUNCTION = "execute"
     RETURN_TYPES = ("IMAGE",)
@@ -160,14 +174,15 @@ class DistributedVAEDecode:
                 "tile_size": TILE_INPUT,
                 "overlap": OVERLAP_INPUT,
             },
-            "optional": {"pool": POOL_INPUT, **TEMPORAL_INPUTS},
+            "optional": {"pool": POOL_INPUT, **TEMPORAL_INPUTS, **SEED_INPUT},
         }
 
-    def execute(self, samples, vae, mode, tile_size, overlap, pool=None, temporal_size=64, temporal_overlap=8):
+    def execute(self, samples, vae, mode, tile_size, overlap, pool=None, temporal_size=64, temporal_overlap=8,
+                seed=0):  # fmt: skip
         temporal = {"temporal_size": temporal_size, "temporal_overlap": temporal_overlap}
         workers = pool_for(pool)
         return (workers.decode(host.vae_module(vae), samples["samples"], mode, tile_size, overlap, **temporal,
-                               **host_hooks()),)  # fmt: skip
+                               seed=seed, **host_hooks()),)  # fmt: skip
 
 
 class DistributedVAEEncode:
@@ -176,9 +191,9 @@ class DistributedVAEEncode:
     DESCRIPTION = (
         "Encodes images to latents with the VAE split across several GPUs (or CPU workers). Sizes "
         "that are not multiples of 8 are centre-cropped like VAE Encode; the result is the "
-        "deterministic posterior mean, the same as VAE Encode gives. With a video VAE (Wan 2.1 / 2.2) the images "
-        "are the frames of one video: frame 1, then whole groups of 4 (a last partial group is left out, "
-        "as VAE Encode leaves it)."
+        "deterministic posterior mean, the same as VAE Encode gives. With a video VAE the images are the frames of one "
+        "video: frame 1, then whole groups of 4 (a last partial group is left out, as VAE Encode leaves it); the "
+        "LTX-Video VAE needs 1 + 8k frames, as VAE Encode does."
     )
     FUNCTION = "execute"
     RETURN_TYPES = ("LATENT",)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ranks import run_ranks
 from video_checks import assert_bands_equal_the_module, max_rel_err, module_frames
 
-from bagel_vae_pp import ltx_video
+from bagel_vae_pp import ltx_config, ltx_video
 from bagel_vae_pp.bands import plan_bands
 from bagel_vae_pp.collectives import Shard
 from bagel_vae_pp.ltx_sharded import decode_band, encode_band
@@ -48,9 +48,9 @@ BASE = {"v0": 16, "v1": 16, "v2-group-norm": 32}
 
 def tiny(name: str) -> ltx_video.LTXVideoVAE:
     config = dict(CONFIGS[name])
-    blocks = {k: ltx_video._blocks(config.pop(k)) for k in ("encoder_blocks", "decoder_blocks")}
+    blocks = {k: ltx_config._blocks(config.pop(k)) for k in ("encoder_blocks", "decoder_blocks")}
     version = 0 if name == "v0" else 1 if name == "v1" else 2
-    return ltx_video.random_ltx_video(ltx_video.config_params(version, BASE[name], **blocks, **config), seed=SEED)
+    return ltx_video.random_ltx_video(ltx_config.config_params(version, BASE[name], **blocks, **config), seed=SEED)
 
 
 def inputs(h: int, w: int, s: int = 32):
@@ -111,6 +111,14 @@ class TestPool:
         assert decoded.shape == (18, 160, 64, 3) and encoded.shape == (1, 128, 2, 5, 2)
         assert max_rel_err(decoded, module_frames(vae, z)) <= 1e-4
         assert max_rel_err(encoded, ref_encoded) <= 1e-4
+
+    def test_the_seed_reaches_the_workers(self, cpu_pool):
+        """The node's seed picks the decode noise: the module's frames for that seed, not seed 0's."""
+        vae, pool = tiny("v1"), cpu_pool(2)
+        z, _ = inputs(3, 2)
+        decoded = pool.decode(vae, z, seed=2**64 - 1)  # the node's largest seed
+        assert max_rel_err(decoded, module_frames(vae, z, seed=2**64 - 1)) <= 1e-4
+        assert max_rel_err(decoded, module_frames(vae, z)) > 1e-2
 
     def test_bad_inputs_get_one_clear_error_each_and_harm_no_worker(self, cpu_pool):
         vae, pool = tiny("v1"), cpu_pool(2)

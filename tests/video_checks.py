@@ -12,10 +12,10 @@ def max_rel_err(out, ref) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-def module_frames(vae, z: torch.Tensor) -> torch.Tensor:
+def module_frames(vae, z: torch.Tensor, **decode_args) -> torch.Tensor:
     """The single-process module's decode of video latents z [B, C, T, h, w] as IMAGE frames [B*frames, H, W, 3]."""
     with torch.inference_mode():
-        return ((vae.decode(z) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        return ((vae.decode(z, **decode_args) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)
 
 
 def assert_bands_equal_the_module(parts: list[dict], vae, z: torch.Tensor, video: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import comfy_run, max_rel_err
 
-from bagel_vae_pp import ltx_video
+from bagel_vae_pp import ltx_config, ltx_video
 from bagel_vae_pp.autoencoder import load_strict
 from bagel_vae_pp.vae_kinds import vae_from_state_dict
 
@@ -87,17 +87,17 @@ def inputs(seed: int):
 def test_versions_are_comfyuis_guesses(tmp_path):
     found = comfy_run(SCRIPT, tmp_path, "guess", {}, torch.zeros(1), torch.zeros(1))
     guessed = json.loads(bytes(found["json"].tolist()).decode())
-    for version, (encoder_blocks, decoder_blocks, conditioned) in ltx_video.VERSIONS.items():
+    for version, (encoder_blocks, decoder_blocks, conditioned) in ltx_config.VERSIONS.items():
         config = guessed[str(version)]["config"]
-        assert ltx_video._blocks(config.get("encoder_blocks", config.get("blocks"))) == encoder_blocks
-        assert ltx_video._blocks(config.get("decoder_blocks", config.get("blocks"))) == decoder_blocks
+        assert ltx_config._blocks(config.get("encoder_blocks", config.get("blocks"))) == encoder_blocks
+        assert ltx_config._blocks(config.get("decoder_blocks", config.get("blocks"))) == decoder_blocks
         assert config.get("timestep_conditioning", False) == conditioned
         with torch.device("meta"):
-            ours = ltx_video.LTXVideoVAE(ltx_video.config_params(version))
+            ours = ltx_video.LTXVideoVAE(ltx_config.config_params(version))
         theirs = guessed[str(version)]["shapes"]
         assert {k: list(v.shape) for k, v in ours.state_dict().items()} == theirs
         sd = ours.state_dict()
-        assert ltx_video.detect_params(sd) == ltx_video.config_params(version)  # the version read off the weights
+        assert ltx_config.detect_params(sd) == ltx_config.config_params(version)  # the version read off the weights
 
 
 def test_full_size_version_0_through_core(tmp_path):
@@ -114,8 +114,8 @@ def test_full_size_version_0_through_core(tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_metadata_config_through_core(tmp_path, version):
     config = {**COMMON, **CONFIGS[version]}
-    sd = ltx_video.random_ltx_video(ltx_video.config_params(version, **kinds(config)), seed=5).state_dict()
-    vae = load_strict(ltx_video.LTXVideoVAE, ltx_video.detect_params(sd, config), sd, "cpu", None)
+    sd = ltx_video.random_ltx_video(ltx_config.config_params(version, **kinds(config)), seed=5).state_dict()
+    vae = load_strict(ltx_video.LTXVideoVAE, ltx_config.detect_params(sd, config), sd, "cpu", None)
     z, frames = inputs(2)
     decoded, encoded, noise = ours_as_core(vae, z, frames, seed=7)
     assert len(noise) == (7 if version == 1 else 1)  # v1: 3 noisy res blocks, 2 maps each; both: the latent mix
@@ -125,4 +125,4 @@ def test_metadata_config_through_core(tmp_path, version):
 
 
 def kinds(config: dict) -> dict:
-    return {k: ltx_video._blocks(config[k]) for k in ("encoder_blocks", "decoder_blocks")}
+    return {k: ltx_config._blocks(config[k]) for k in ("encoder_blocks", "decoder_blocks")}
