@@ -76,6 +76,7 @@ class Core:
         self.vae = comfy_sd.VAE(sd=sd, dtype=dtype)
         self.name = f"ComfyUI VAE {self.vae.vae_dtype}"
 
+    @torch.inference_mode()  # as ComfyUI's executor runs every node: without it autograd keeps every activation
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         with TiledFallback() as watch:
             images = self.vae.decode(latent)
@@ -89,6 +90,7 @@ class Core:
         x = self.vae.first_stage_model.decode(latent.to(self.vae.device, self.vae.vae_dtype))
         return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1).cpu()
 
+    @torch.inference_mode()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(frames)
 

@@ -74,6 +74,7 @@ SEED_INPUT = {
             "default": 0,
             "min": 0,
             "max": 0xFFFFFFFFFFFFFFFF,
+            "step": 1,
             "tooltip": "LTX-Video VAE only: the seed of the noise its decoder adds (the same frames for the same "
             "seed, on any number of GPUs). Other VAEs ignore it.",
         },

@@ -148,6 +148,22 @@ class TestVAENodes:
         assert torch.equal(default, pool.decode(wan, latent, "tiled", 32, 8, temporal_size=64, temporal_overlap=8))
         assert not torch.equal(short, default)  # 2 temporal tiles against 1
 
+    def test_the_seed_input_picks_the_ltx_decode_noise(self, pack, cpu2):
+        """The optional seed reaches the pool (LTX-Video's decode noise); left out, it is 0."""
+        # Built from the pack's own engine modules: the pool reads the block config off a module of its own kind.
+        ltx_config = sys.modules[PACK_NAME + ".bagel_vae_pp.ltx_config"]
+        ltx_video = sys.modules[PACK_NAME + ".bagel_vae_pp.ltx_video"]
+        blocks = ltx_config._blocks([("compress_all", {}), ("res_x", 1)] * 3)
+        vae = ltx_video.random_ltx_video(ltx_config.config_params(1, 16, decoder_blocks=blocks))
+        latent = torch.randn(1, 128, 2, 2, 2)
+        node = pack.NODE_CLASS_MAPPINGS["BagelVAEPP_DistributedDecode"]()
+        (seeded,) = node.execute({"samples": latent}, FakeVAE(vae), "exact", 1024, 128, cpu2, seed=5)
+        (default,) = node.execute({"samples": latent}, FakeVAE(vae), "exact", 1024, 128, cpu2)
+        pool = pack.pool.get_pool(cpu2)
+        assert torch.equal(seeded, pool.decode(vae, latent, seed=5))
+        assert torch.equal(default, pool.decode(vae, latent, seed=0))
+        assert not torch.equal(seeded, default)
+
     def test_make_room_asks_comfyui_to_free_each_pool_gpu(self, pack):
         pack.host.freed.clear()
         sys.modules[PACK_NAME + ".nodes.host"].make_room(("cuda:1", "cuda:3"), 5 << 30)
