@@ -12,6 +12,8 @@ video decode/encode, tiles dealt over the ranks) is `video_tiles.py`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -22,8 +24,10 @@ from .hunyuan_video import HunyuanVideoVAE
 from .jobs import Rank, band_shard, progress_counter
 from .ltx_video import LTXVideoVAE
 from .video_layout import to_layout
-from .wan import WanVAE, time_chunks
+from .wan import WanVAE, decode_chunks, time_chunks
 from .wan_sharded import decode_chunk, encode_chunk
+
+DECODE_STEP_SWITCH = "BAGEL_VAE_PP_WAN_DECODE_FRAMES"
 
 
 def to_frames(y: Tensor) -> Tensor:
@@ -31,11 +35,19 @@ def to_frames(y: Tensor) -> Tensor:
     return ((y.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(1, 2, 3, 0)
 
 
+def decode_step() -> int:
+    """Latent frames per Wan decode chunk after the first (wan.decode_chunks): 1, as ComfyUI runs it, unless
+    BAGEL_VAE_PP_WAN_DECODE_FRAMES says otherwise (a measuring knob: more frames, fewer and larger convs, more
+    memory; bench/bench_video_vae.py --wan-decode-frames)."""
+    return max(1, int(os.environ.get(DECODE_STEP_SWITCH, "1")))
+
+
 def exact_decode(vae: WanVAE, latent: Tensor, out: Tensor, r: Rank) -> None:
     B, _, T, h, _ = latent.shape
     s = vae.params.downscale
+    chunks = decode_chunks(T, decode_step())
     bands = plan_bands(h, r.world)
-    shard = band_shard(r, bands, 1, progress_counter(r, B * T))
+    shard = band_shard(r, bands, 1, progress_counter(r, B * len(chunks)))
     if shard is None:
         return
     a, b = bands[r.rank]
@@ -43,10 +55,10 @@ def exact_decode(vae: WanVAE, latent: Tensor, out: Tensor, r: Rank) -> None:
     ndhwc = r.memory_format == torch.channels_last
     for i in range(B):
         cache, done = {}, 0
-        for t in range(T):
+        for t0, t1 in chunks:
             agree_cancel(shard, r.device)
-            z = to_layout(latent[i : i + 1, :, t : t + 1, a:b].to(r.device, r.dtype), ndhwc)  # [1, z, 1, rows, w]
-            y = to_frames(decode_chunk(vae, z, cache, shard)[0])  # [n, 8*rows, 8*w, 3]
+            z = to_layout(latent[i : i + 1, :, t0:t1, a:b].to(r.device, r.dtype), ndhwc)  # [1, z, n, rows, w]
+            y = to_frames(decode_chunk(vae, z, cache, shard)[0])  # [frames, 8*rows, 8*w, 3]
             video[i, done : done + y.shape[0], a * s : b * s].copy_(y)
             done += y.shape[0]
             shard.on_layer()

@@ -64,6 +64,14 @@ def time_chunks(frames: int, step: int) -> list[tuple[int, int]]:
     return [(0, 1)] + [(1 + step * i, 1 + step * (i + 1)) for i in range((frames - 1) // step)]
 
 
+def decode_chunks(frames: int, step: int) -> list[tuple[int, int]]:
+    """Decode chunks of latent frames: [0, 1) alone (a temporal upsample passes its first chunk through), then `step`
+    at a time, the last one possibly shorter. Any step gives ComfyUI's frames (step 1, as it runs): the caches carry
+    every causal window across chunk ends, and nothing else looks across frames. A larger step runs fewer, larger
+    convs at more activation memory."""
+    return [(0, 1)] + [(a, min(a + step, frames)) for a in range(1, frames, step)]
+
+
 def conv3d(c_in: int, c_out: int) -> nn.Conv3d:
     return nn.Conv3d(c_in, c_out, 3, padding=(0, 1, 1))  # time is padded causally by causal_conv
 

@@ -96,7 +96,8 @@ def run_layers(layers, x: Tensor, cache: Cache, shard: Shard) -> Tensor:
 
 
 def decode_chunk(vae: WanVAE, z: Tensor, cache: Cache, shard: Shard) -> Tensor:
-    """One latent frame of this rank's rows, [B, z, 1, rows, w] raw -> [B, 3, 1 (first) or 4, s*rows, s*w]."""
+    """One decode chunk (wan.decode_chunks) of this rank's rows, [B, z, n, rows, w] raw -> [B, 3, 1 (the first
+    chunk, one frame) or 4n, s*rows, s*w]."""
     dec = vae.decoder
     x = band_conv(dec.conv1, causal_conv(vae.conv2, z, cache), cache, shard)
     x = run_layers((*dec.middle, *dec.upsamples), x, cache, shard)

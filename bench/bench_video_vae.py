@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bagel_vae_pp.cli import RANDOM_VAES, errors  # noqa: E402
 from bagel_vae_pp.pool import PoolSpec, WorkerPool  # noqa: E402
 from bagel_vae_pp.vae_kinds import in_memory_format  # noqa: E402
+from bagel_vae_pp.video_jobs import DECODE_STEP_SWITCH  # noqa: E402
 from bagel_vae_pp.video_layout import to_layout  # noqa: E402
 from bagel_vae_pp.worker import CUDNN_BENCHMARK_SWITCH  # noqa: E402
 
@@ -180,7 +181,11 @@ def main() -> None:
     p.add_argument(
         "--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms, here and in the worker"
     )
+    p.add_argument(
+        "--wan-decode-frames", type=int, default=1, help="the pool's latent frames per Wan decode chunk (default 1)"
+    )
     args = p.parse_args()
+    os.environ[DECODE_STEP_SWITCH] = str(args.wan_decode_frames)  # read by the worker at each job
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
         os.environ[CUDNN_BENCHMARK_SWITCH] = "1"
@@ -194,6 +199,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    info["wan_decode_frames"] = args.wan_decode_frames
     print(json.dumps(info), flush=True)
     sd, s, zc = ae.state_dict(), ae.params.downscale, ae.params.z_channels
     pool = WorkerPool(PoolSpec.parse(str(device.index or 0) if device.type == "cuda" else "cpu", args.dtype, 600))

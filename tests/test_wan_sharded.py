@@ -22,7 +22,7 @@ from bagel_vae_pp.bands import plan_bands
 from bagel_vae_pp.collectives import Shard
 from bagel_vae_pp.vae_kinds import in_memory_format
 from bagel_vae_pp.video_layout import is_ndhwc, to_layout
-from bagel_vae_pp.wan import random_wan, time_chunks
+from bagel_vae_pp.wan import decode_chunks, random_wan, time_chunks
 from bagel_vae_pp.wan22 import random_wan22
 from bagel_vae_pp.wan_sharded import decode_chunk, encode_chunk
 
@@ -54,7 +54,7 @@ def watch_conv_layouts(seen: list) -> None:
     F.conv3d = watched
 
 
-def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False):
+def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False, step=1):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
@@ -73,9 +73,8 @@ def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False):
         a, b = bands[rank]
         with torch.inference_mode():
             cache = {}
-            decoded = torch.cat(
-                [decode_chunk(vae, z[:, :, t : t + 1, a:b], cache, shard) for t in range(z.shape[2])], 2
-            )
+            chunks = decode_chunks(z.shape[2], step)
+            decoded = torch.cat([decode_chunk(vae, z[:, :, t0:t1, a:b], cache, shard) for t0, t1 in chunks], 2)
             cache = {}
             chunks = time_chunks(video.shape[2], vae.params.time_scale)
             encoded = torch.cat(
@@ -87,22 +86,25 @@ def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False):
 
 
 @pytest.mark.parametrize(
-    "version, world, h, w, ndhwc",
+    "version, world, h, w, ndhwc, step",
     [
-        ("2.1", 2, 7, 4, False),
-        ("2.1", 3, 7, 3, False),
-        ("2.1", 3, 4, 5, False),
-        ("2.2", 2, 5, 3, False),
-        ("2.2", 3, 4, 3, False),
-        ("2.1", 3, 7, 3, True),
-        ("2.2", 2, 5, 3, True),
+        ("2.1", 2, 7, 4, False, 1),
+        ("2.1", 3, 7, 3, False, 1),
+        ("2.1", 3, 4, 5, False, 1),
+        ("2.2", 2, 5, 3, False, 1),
+        ("2.2", 3, 4, 3, False, 1),
+        ("2.1", 3, 7, 3, True, 1),
+        ("2.2", 2, 5, 3, True, 1),
+        ("2.1", 2, 7, 4, True, 2),
+        ("2.2", 3, 4, 3, False, 2),
     ],
 )
-def test_bands_decode_and_encode_as_the_whole_video(tmp_path, version, world, h, w, ndhwc):
+def test_bands_decode_and_encode_as_the_whole_video(tmp_path, version, world, h, w, ndhwc, step):
     """7 (2.2: 5) latent rows over 2 or 3 ranks (no even split); 4 over 3 gives a band of one latent row. NDHWC:
-    the layout GPU workers use, against the NCDHW single-process module; no conv may see another layout."""
+    the layout GPU workers use, against the NCDHW single-process module; no conv may see another layout. step 2:
+    the decode runs latent frames 1-2 as one chunk, against the module's (ComfyUI's) one frame at a time."""
     store, outs = str(tmp_path / "store"), [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    run_ranks(rank_main, lambda r: (r, world, store, outs[r], version, h, w, ndhwc), world, TIMEOUT_S)
+    run_ranks(rank_main, lambda r: (r, world, store, outs[r], version, h, w, ndhwc, step), world, TIMEOUT_S)
     parts = [torch.load(p) for p in outs]
     if ndhwc:
         for p in parts:
@@ -140,3 +142,13 @@ class TestPool:
         z, _ = inputs(3, 2)
         image_latent = (lambda: pool.decode(tiny_vae, torch.randn(1, 16, 2, 3, 2)), "image VAE decodes an image latent")
         assert_bad_inputs_refused_then_decodes(pool, vae, z, [image_latent])
+
+
+def test_decode_chunks_cover_every_latent_frame_once_the_first_alone():
+    for frames in range(1, 30):
+        for step in range(1, 9):
+            chunks = decode_chunks(frames, step)
+            assert chunks[0] == (0, 1) and chunks[-1][1] == frames
+            assert all(a == b for (_, b), (a, _) in zip(chunks, chunks[1:]))  # contiguous, in order
+            assert all(0 < b - a <= step for a, b in chunks[1:])
+            assert len(chunks) == 1 + -(-(frames - 1) // step)  # as few as the step allows
