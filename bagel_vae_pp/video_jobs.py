@@ -82,55 +82,40 @@ def exact_encode(vae: WanVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
         shard.on_layer()
 
 
-def hunyuan_decode(vae: HunyuanVideoVAE, latent: Tensor, out: Tensor, r: Rank) -> None:
+# The kinds that run the whole video in one forward, as ComfyUI does, and the module that walks one of them band by
+# band (decode_band, encode_band, count_layers).
+WHOLE_VIDEO = {HunyuanVideoVAE: hunyuan_sharded, LTXVideoVAE: ltx_sharded}
+
+
+def whole_video_decode(vae: HunyuanVideoVAE | LTXVideoVAE, latent: Tensor, out: Tensor, r: Rank, seed: int) -> None:
+    walk = WHOLE_VIDEO[type(vae)]
     B, _, _, h, _ = latent.shape
     s = vae.params.downscale
     bands = plan_bands(h, r.world)
-    shard = band_shard(r, bands, 1, progress_counter(r, B * hunyuan_sharded.count_layers(vae, "decode")))
+    shard = band_shard(r, bands, 1, progress_counter(r, B * walk.count_layers(vae, "decode")))
     if shard is None:
         return
     a, b = bands[r.rank]
     video = out.view(B, -1, *out.shape[1:])  # [B, frames, H, W, 3]
+    noise = {}
+    if isinstance(vae, LTXVideoVAE):  # the one kind that draws noise
+        latent = vae.noised(latent, seed)  # the whole latent's noise, the same on every rank: before taking the rows
+        noise["seed"] = seed
     for i in range(B):
         z = latent[i : i + 1, :, :, a:b].to(r.device, r.dtype)  # [1, z, T, rows, w]
-        video[i, :, a * s : b * s].copy_(to_frames(hunyuan_sharded.decode_band(vae, z, shard)[0]))
+        video[i, :, a * s : b * s].copy_(to_frames(walk.decode_band(vae, z, shard, **noise)[0]))
 
 
-def hunyuan_encode(vae: HunyuanVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
+def whole_video_encode(vae: HunyuanVideoVAE | LTXVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
+    walk = WHOLE_VIDEO[type(vae)]
     s = vae.params.downscale
     bands = plan_bands(pixels.shape[1], r.world, unit=s)
-    shard = band_shard(r, bands, s, progress_counter(r, hunyuan_sharded.count_layers(vae, "encode")))
+    shard = band_shard(r, bands, s, progress_counter(r, walk.count_layers(vae, "encode")))
     if shard is None:
         return
     a, b = bands[r.rank]
     x = pixels[:, a:b].to(r.device).permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # [1, 3, frames, rows, W]
-    out[0, :, :, a // s : b // s].copy_(hunyuan_sharded.encode_band(vae, x.to(r.dtype), shard)[0])
-
-
-def ltx_decode(vae: LTXVideoVAE, latent: Tensor, out: Tensor, r: Rank, seed: int) -> None:
-    B, _, _, h, _ = latent.shape
-    s = vae.params.downscale
-    bands = plan_bands(h, r.world)
-    shard = band_shard(r, bands, 1, progress_counter(r, B * ltx_sharded.count_layers(vae, "decode")))
-    if shard is None:
-        return
-    a, b = bands[r.rank]
-    video = out.view(B, -1, *out.shape[1:])  # [B, frames, H, W, 3]
-    noised = vae.noised(latent, seed)  # the whole latent's noise, the same on every rank: before taking the rows
-    for i in range(B):
-        z = noised[i : i + 1, :, :, a:b].to(r.device, r.dtype)  # [1, z, T, rows, w]
-        video[i, :, a * s : b * s].copy_(to_frames(ltx_sharded.decode_band(vae, z, shard, seed)[0]))
-
-
-def ltx_encode(vae: LTXVideoVAE, pixels: Tensor, out: Tensor, r: Rank) -> None:
-    s = vae.params.downscale
-    bands = plan_bands(pixels.shape[1], r.world, unit=s)
-    shard = band_shard(r, bands, s, progress_counter(r, ltx_sharded.count_layers(vae, "encode")))
-    if shard is None:
-        return
-    a, b = bands[r.rank]
-    x = pixels[:, a:b].to(r.device).permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # [1, 3, frames, rows, W]
-    out[0, :, :, a // s : b // s].copy_(ltx_sharded.encode_band(vae, x.to(r.dtype), shard)[0])
+    out[0, :, :, a // s : b // s].copy_(walk.encode_band(vae, x.to(r.dtype), shard)[0])
 
 
 def run_job(vae: WanVAE | HunyuanVideoVAE | LTXVideoVAE, job: dict, inp: Tensor, out: Tensor, r: Rank) -> None:
@@ -138,9 +123,10 @@ def run_job(vae: WanVAE | HunyuanVideoVAE | LTXVideoVAE, job: dict, inp: Tensor,
         from . import video_tiles  # here, not at the top: video_tiles builds on this module
 
         video_tiles.run_tiled(vae, job, inp, out, r)
-    elif isinstance(vae, HunyuanVideoVAE):
-        (hunyuan_decode if job["op"] == "decode" else hunyuan_encode)(vae, inp, out, r)
-    elif isinstance(vae, LTXVideoVAE):
-        ltx_decode(vae, inp, out, r, job.get("seed", 0)) if job["op"] == "decode" else ltx_encode(vae, inp, out, r)
+    elif type(vae) in WHOLE_VIDEO:
+        if job["op"] == "decode":
+            whole_video_decode(vae, inp, out, r, job.get("seed", 0))
+        else:
+            whole_video_encode(vae, inp, out, r)
     else:
         (exact_decode if job["op"] == "decode" else exact_encode)(vae, inp, out, r)
