@@ -45,67 +45,53 @@ def save(images: list, prefix: str) -> dict:
     return {"class_type": "SaveImage", "inputs": {"images": images, "filename_prefix": prefix}}
 
 
-@pytest.mark.parametrize("vae_name", [name for name in VAES if name != LTX])
-def test_distributed_decode_and_encode_give_core_frames(server, vae_name):
+def core_and_ours(server, vae_name: str, tag: str, size: tuple[int, int], frames: dict) -> list:
+    """Core VAE Decode of core VAE Encode's latent of the frames that `frames` (nodes over two test pictures "a" and
+    "b", ending in node "frames") makes, against our decode of that latent and core's decode of our encode: each
+    within 1/255. Returns core's frames."""
     for variant in (0, 1):
-        write_png(server.input_dir / f"wan_{variant}.png", 56, 40, variant)
-    vae, frames, latent = ["vae", 0], ["frames", 0], ["core_encode", 0]
+        write_png(server.input_dir / f"{tag}_{variant}.png", *size, variant)
+    vae, latent = ["vae", 0], ["core_encode", 0]
     prompt = {
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}},
         "pool": POOL,
-        "a": {"class_type": "LoadImage", "inputs": {"image": "wan_0.png"}},
-        "b": {"class_type": "LoadImage", "inputs": {"image": "wan_1.png"}},
+        "a": {"class_type": "LoadImage", "inputs": {"image": f"{tag}_0.png"}},
+        "b": {"class_type": "LoadImage", "inputs": {"image": f"{tag}_1.png"}},
         "ab": {"class_type": "ImageBatch", "inputs": {"image1": ["a", 0], "image2": ["b", 0]}},
-        "frames": {"class_type": "RepeatImageBatch", "inputs": {"image": ["ab", 0], "amount": 3}},
-        "core_encode": {"class_type": "VAEEncode", "inputs": {"pixels": frames, "vae": vae}},
+        **frames,
+        "core_encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["frames", 0], "vae": vae}},
         "core_decode": {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": vae}},
         "ours_decode": {"class_type": DECODE, "inputs": {"samples": latent, "vae": vae, **EXACT}},
-        "ours_encode": {"class_type": ENCODE, "inputs": {"pixels": frames, "vae": vae, **EXACT}},
+        "ours_encode": {"class_type": ENCODE, "inputs": {"pixels": ["frames", 0], "vae": vae, **EXACT}},
         "core_of_ours": {"class_type": "VAEDecode", "inputs": {"samples": ["ours_encode", 0], "vae": vae}},
-        "s_core": save(["core_decode", 0], "wan/core"),
-        "s_ours": save(["ours_decode", 0], "wan/ours"),
-        "s_enc": save(["core_of_ours", 0], "wan/ours_encode"),
+        "s_core": save(["core_decode", 0], f"{tag}/core"),
+        "s_ours": save(["ours_decode", 0], f"{tag}/ours"),
+        "s_enc": save(["core_of_ours", 0], f"{tag}/ours_encode"),
     }  # fmt: skip
     run = run_ok(server, prompt)
     core = read_pngs(server, run, "s_core")
-    assert len(core) in (5, 9) and core[0].shape == (40, 56, 3)  # 1 + 4k frames: core's encode kept 5 or padded to 9
     assert max(c.std() for c in core) > 1, "core's frames are flat: the comparison would prove nothing"
     for what in ("s_ours", "s_enc"):
         ours = read_pngs(server, run, what)
         assert len(ours) == len(core), f"{what}: {len(ours)} frames, core {len(core)}"
         worst = max(int(abs(a - b).max()) for a, b in zip(ours, core, strict=True))
         assert worst <= 1, f"{what}: max |ours - core| = {worst}/255"
+    return core
+
+
+@pytest.mark.parametrize("vae_name", [name for name in VAES if name != LTX])
+def test_distributed_decode_and_encode_give_core_frames(server, vae_name):
+    six = {"frames": {"class_type": "RepeatImageBatch", "inputs": {"image": ["ab", 0], "amount": 3}}}
+    core = core_and_ours(server, vae_name, "wan", (56, 40), six)
+    assert len(core) in (5, 9) and core[0].shape == (40, 56, 3)  # 1 + 4k frames: core's encode kept 5 or padded to 9
 
 
 def test_ltx_video_decode_and_encode_give_core_frames(server):
     """The VAE object ComfyUI's VAE Loader builds (its own LTX module, whose block lists the pool reads) through our
     nodes, against core VAE Decode / VAE Encode on 9 frames (LTX encodes 1 + 8k)."""
-    for variant in (0, 1):
-        write_png(server.input_dir / f"ltx_{variant}.png", 64, 64, variant)
-    vae, frames, latent = ["vae", 0], ["frames", 0], ["core_encode", 0]
-    prompt = {
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": LTX}},
-        "pool": POOL,
-        "a": {"class_type": "LoadImage", "inputs": {"image": "ltx_0.png"}},
-        "b": {"class_type": "LoadImage", "inputs": {"image": "ltx_1.png"}},
-        "ab": {"class_type": "ImageBatch", "inputs": {"image1": ["a", 0], "image2": ["b", 0]}},
+    nine = {
         "eight": {"class_type": "RepeatImageBatch", "inputs": {"image": ["ab", 0], "amount": 4}},
         "frames": {"class_type": "ImageBatch", "inputs": {"image1": ["eight", 0], "image2": ["a", 0]}},
-        "core_encode": {"class_type": "VAEEncode", "inputs": {"pixels": frames, "vae": vae}},
-        "core_decode": {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": vae}},
-        "ours_decode": {"class_type": DECODE, "inputs": {"samples": latent, "vae": vae, **EXACT}},
-        "ours_encode": {"class_type": ENCODE, "inputs": {"pixels": frames, "vae": vae, **EXACT}},
-        "core_of_ours": {"class_type": "VAEDecode", "inputs": {"samples": ["ours_encode", 0], "vae": vae}},
-        "s_core": save(["core_decode", 0], "ltx/core"),
-        "s_ours": save(["ours_decode", 0], "ltx/ours"),
-        "s_enc": save(["core_of_ours", 0], "ltx/ours_encode"),
-    }  # fmt: skip
-    run = run_ok(server, prompt)
-    core = read_pngs(server, run, "s_core")
+    }
+    core = core_and_ours(server, LTX, "ltx", (64, 64), nine)
     assert len(core) == 9 and core[0].shape == (64, 64, 3)
-    assert max(c.std() for c in core) > 1, "core's frames are flat: the comparison would prove nothing"
-    for what in ("s_ours", "s_enc"):
-        ours = read_pngs(server, run, what)
-        assert len(ours) == len(core), f"{what}: {len(ours)} frames, core {len(core)}"
-        worst = max(int(abs(a - b).max()) for a, b in zip(ours, core, strict=True))
-        assert worst <= 1, f"{what}: max |ours - core| = {worst}/255"
