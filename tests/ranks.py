@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch.distributed as dist
 
 
 def run_ranks(target, args_of_rank, world: int, timeout_s: float) -> None:
@@ -25,3 +29,19 @@ def run_ranks(target, args_of_rank, world: int, timeout_s: float) -> None:
                 p.kill()
                 p.join(5)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+@contextmanager
+def gloo_group(rank: int, world: int, store_path: str, timeout_s: float = 60):
+    """Inside a spawned rank: the default process group over gloo, met through a file store, torn down on exit."""
+    dist.init_process_group(
+        "gloo",
+        store=dist.FileStore(store_path, world),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -11,12 +11,11 @@ whole rows' scales).
 
 import importlib.util
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import run_ranks
+from ranks import gloo_group, run_ranks
 
 from bagel_vae_pp.bagel.config import CONFIGS
 from bagel_vae_pp.bagel.loader import load_bagel
@@ -74,15 +73,10 @@ def run_passes(model, tokenizer) -> dict:
 
 def rank_main(rank, world, folder, store_path, out_path):
     torch.set_num_threads(1)  # up to four ranks share the test machine's cores
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, store_path):
         model = load_bagel_shard(folder, rank, world, "cpu", torch.float32, group=dist.group.WORLD)
         with torch.inference_mode():
             torch.save(run_passes(model, BagelTokenizer.from_folder(folder)), out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_tp_ranks(tmp_path, world, folder) -> list[dict]:
@@ -96,15 +90,10 @@ def run_tp_ranks(tmp_path, world, folder) -> list[dict]:
 def shards_main(rank, world, cases, store_path, out_path):
     """Load this rank's shard for each (folder, weight dtype) of `cases` and save their state dicts."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, store_path):
         shards = [load_bagel_shard(folder, rank, world, "cpu", torch.float32, dist.group.WORLD, weight_dtype)
                   for folder, weight_dtype in cases]  # fmt: skip
         torch.save([shard.state_dict() for shard in shards], out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def rel_err(got, want) -> float:

@@ -8,12 +8,11 @@ Real gloo processes run the band-parallel decode of the tiny VAE.
 """
 
 import json
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import run_ranks
+from ranks import gloo_group, run_ranks
 
 from bagel_vae_pp.autoencoder import random_autoencoder
 from bagel_vae_pp.bands import plan_bands
@@ -55,10 +54,7 @@ def run_until_cancelled(rank, world, seen_from, job) -> list:
 def rank_main(rank, world, store_path, out_path):
     """One gloo rank: every scenario through the decode, then through `agree_cancel`; the outcomes as JSON."""
     torch.set_num_threads(1)  # up to three ranks share the test machine's cores
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
-    try:
+    with gloo_group(rank, world, store_path, 30):
         ae = random_autoencoder("tiny", seed=1)
         latent = torch.randn(1, 16, *LATENT_HW, generator=torch.Generator().manual_seed(0))
         a, b = plan_bands(LATENT_HW[0], world)[rank]
@@ -82,8 +78,6 @@ def rank_main(rank, world, store_path, out_path):
             outcomes.append({"error": f"{type(e).__name__}: {e}"[:300]})
         with open(out_path, "w") as f:
             json.dump(outcomes, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def expected(seen, looks_per_job, lag):

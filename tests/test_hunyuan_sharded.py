@@ -7,14 +7,13 @@ The mid-block attention alone runs in several query chunks (the tiny sizes fit i
 attention block written here.
 """
 
-from datetime import timedelta
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ranks import run_ranks
+from ranks import gloo_group, run_ranks
 from video_checks import (
     assert_bad_inputs_refused_then_decodes,
     assert_bands_equal_the_module,
@@ -43,10 +42,7 @@ def inputs(h: int, w: int, s: int = 8):
 
 def rank_main(rank, world, store_path, out_path, h, w):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, store_path):
         vae = random_hunyuan_video("tiny", seed=SEED)
         s = vae.params.downscale
         z, video = inputs(h, w, s)
@@ -56,8 +52,6 @@ def rank_main(rank, world, store_path, out_path, h, w):
             decoded = decode_band(vae, z[:, :, :, a:b], Shard(rank, world, dist.group.WORLD, bands))
             encoded = encode_band(vae, video[:, :, :, s * a : s * b], Shard(rank, world, dist.group.WORLD, bands))
         torch.save({"decoded": decoded, "encoded": encoded}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world, h, w", [(2, 7, 4), (3, 7, 3), (3, 4, 5)])
@@ -113,18 +107,13 @@ def expected_chunks(queries: int, keys: int) -> list[tuple[int, int]]:
 
 def attention_rank_main(rank, world, store_path, out_path, h):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, store_path):
         block, x = mid_attention_input(h)
         bands = plan_bands(h, world)
         a, b = bands[rank]
         with torch.inference_mode():
             out, chunks = band_attention(block, x[:, :, :, a:b], Shard(rank, world, dist.group.WORLD, bands))
         torch.save({"out": out, "chunks": chunks}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 class TestMidAttentionInQueryChunks:

@@ -7,12 +7,10 @@ Configs: version 0's block kinds (pixel norm, no noise), version 1's (timestep c
 and version 2's (space-to-depth encoder) with group norm, all at a small width.
 """
 
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import run_ranks
+from ranks import gloo_group, run_ranks
 from video_checks import assert_bands_equal_the_module, max_rel_err, module_frames
 
 from bagel_vae_pp import ltx_config, ltx_video
@@ -63,10 +61,7 @@ def inputs(h: int, w: int, s: int = 32):
 
 def rank_main(rank, world, store_path, out_path, name, h, w):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=90)
-    )
-    try:
+    with gloo_group(rank, world, store_path, 90):
         vae = tiny(name)
         s = vae.params.downscale
         z, video = inputs(h, w, s)
@@ -77,8 +72,6 @@ def rank_main(rank, world, store_path, out_path, name, h, w):
             decoded = decode_band(vae, noised[:, :, :, a:b], Shard(rank, world, dist.group.WORLD, bands))
             encoded = encode_band(vae, video[:, :, :, s * a : s * b], Shard(rank, world, dist.group.WORLD, bands))
         torch.save({"decoded": decoded, "encoded": encoded}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(

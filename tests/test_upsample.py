@@ -2,12 +2,12 @@
 float64 with one rank, and band by band over real gloo processes on CPU."""
 
 import multiprocessing
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import gloo_group
 from torch import nn
 
 from bagel_vae_pp.collectives import Shard
@@ -58,18 +58,13 @@ def band_of(x, a, b):
 
 def band_worker(rank, world, store_path, cases, out_path):
     """One gloo rank: its band of every case, saved as a list of tensors."""
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, store_path):
         out = []
         with torch.no_grad():
             for conv, x, bands in cases:
                 a, b = bands[rank]
                 out.append(upsample_conv(conv, band_of(x, a, b), Shard(rank, world, dist.group.WORLD, bands)))
         torch.save(out, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 # (c, co, w, bands): uneven bands, 1-row bands at the top, middle and bottom, and a 1-row image edge

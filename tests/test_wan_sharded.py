@@ -4,13 +4,11 @@ Each rank runs its rows of every frame chunk by chunk (halo rows, caches with ha
 parent stitches the bands and compares with `WanVAE.decode` / `encode` of the whole video (max rel err <= 1e-4).
 """
 
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ranks import run_ranks
+from ranks import gloo_group, run_ranks
 from video_checks import (
     assert_bad_inputs_refused_then_decodes,
     assert_bands_equal_the_module,
@@ -56,10 +54,7 @@ def watch_conv_layouts(seen: list) -> None:
 
 def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False, step=1):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, store_path):
         vae = tiny(version)
         s = vae.params.downscale
         z, video = inputs(h, w, s)
@@ -81,8 +76,6 @@ def rank_main(rank, world, store_path, out_path, version, h, w, ndhwc=False, ste
                 [encode_chunk(vae, video[:, :, f0:f1, s * a : s * b], cache, shard) for f0, f1 in chunks], 2
             )
         torch.save({"decoded": decoded, "encoded": encoded, "layouts": layouts}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
